@@ -1,0 +1,1 @@
+"""ledgerlens.runtime: the shared service runtime."""
