@@ -1,0 +1,240 @@
+"""The runtime's per-call overhead: full interceptor chain vs a bare grpc.aio server.
+
+Two server subprocesses serve the same identity contract (``Introspect``, a tiny unary
+RPC) on loopback: *full* is built with ``build_server`` as a service would be (auth
+with a real ES256 token against static JWKS keys, RED metrics, tracing on with the
+production default of no exporter, JSON logging, health, reflection); *bare* is a
+plain ``grpc.aio.server`` with the servicer and nothing else. This process is the
+load generator: concurrency 32, fixed call counts, alternating rounds between the two
+so that drift (CPU frequency, other load) hits both alike.
+
+Run alone: ``python bench/runtime_overhead.py [--calls 20000]``; ``make bench`` runs it
+through ``bench/run.py``. Prints / returns JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import grpc
+import grpc.aio
+from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
+
+CONCURRENCY = 32
+TARGETS = {"throughput_ratio_min": 0.75, "added_p95_ms_max": 1.0}
+SCOPE = "tokens:introspect"
+
+
+# -- server side (subprocess) ------------------------------------------------------------
+
+
+class _Identity(identity_pb2_grpc.IdentityServiceServicer):
+    async def Introspect(
+        self, request: identity_pb2.IntrospectRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> identity_pb2.IntrospectResponse:
+        return identity_pb2.IntrospectResponse(active=True, subject="bench")
+
+
+async def _serve(kind: str) -> None:
+    descriptor = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]
+    add = identity_pb2_grpc.add_IdentityServiceServicer_to_server
+    servicer = _Identity()  # type: ignore[abstract]
+    if kind == "bare":
+        server = grpc.aio.server()
+        add(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(f"PORT {port}", flush=True)
+        await server.wait_for_termination()
+        return
+
+    from ledgerlens.runtime.auth import TokenVerifier
+    from ledgerlens.runtime.server import build_server
+    from ledgerlens.runtime.settings import ServiceSettings
+    from ledgerlens.runtime.telemetry import configure_logging, configure_tracing
+
+    settings = ServiceSettings(service_name="bench", grpc_port=0, shutdown_grace_seconds=1)
+    configure_logging(settings)
+    configure_tracing(settings)
+    runtime = build_server(
+        settings, [(add, servicer, descriptor)], TokenVerifier.from_settings(settings.auth)
+    )
+    await runtime.start()
+    runtime.install_signal_handlers()
+    print(f"PORT {runtime.bound_port}", flush=True)
+    await runtime.wait_for_termination()
+
+
+# -- load generator ------------------------------------------------------------------------
+
+
+async def _round(
+    stub: identity_pb2_grpc.IdentityServiceAsyncStub,
+    calls: int,
+    metadata: tuple[tuple[str, str], ...],
+    latencies: list[float],
+) -> float:
+    remaining = calls
+    request = identity_pb2.IntrospectRequest()
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            t0 = time.perf_counter()
+            await stub.Introspect(request, metadata=metadata, timeout=10)
+            latencies.append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return time.perf_counter() - started
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def _summary(latencies: list[float], seconds: float) -> dict[str, float]:
+    values = sorted(latencies)
+    return {
+        "calls": len(values),
+        "seconds": round(seconds, 3),
+        "throughput_rps": round(len(values) / seconds, 1),
+        "p50_ms": round(_quantile(values, 0.50) * 1000, 3),
+        "p95_ms": round(_quantile(values, 0.95) * 1000, 3),
+        "p99_ms": round(_quantile(values, 0.99) * 1000, 3),
+        "mean_ms": round(statistics.fmean(values) * 1000, 3),
+    }
+
+
+async def _start(kind: str, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, int]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--serve",
+        kind,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+    if not line.startswith("PORT "):
+        raise RuntimeError(f"{kind} server did not start: {line!r}")
+    return proc, int(line.split()[1])
+
+
+def _verify_cost(rounds: int = 2000) -> dict[str, float]:
+    """Token verification cost alone: remembered token vs a full signature check."""
+    from ledgerlens.runtime.auth import DevTokenIssuer, TokenVerifier
+
+    issuer = DevTokenIssuer()
+    verifier = TokenVerifier(issuer=issuer.issuer, audience="ledgerlens", static_jwks=issuer.jwks())
+    tokens = [issuer.issue(f"u{i}", [SCOPE]) for i in range(rounds)]
+
+    async def measure() -> tuple[list[float], list[float]]:
+        fresh, warm = [], []
+        for token in tokens:
+            t0 = time.perf_counter()
+            await verifier.verify(token)
+            fresh.append(time.perf_counter() - t0)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            await verifier.verify(tokens[0])
+            warm.append(time.perf_counter() - t0)
+        return sorted(fresh), sorted(warm)
+
+    fresh, warm = asyncio.run(measure())
+    return {
+        "signature_check_p50_us": round(_quantile(fresh, 0.5) * 1e6, 1),
+        "signature_check_p95_us": round(_quantile(fresh, 0.95) * 1e6, 1),
+        "remembered_token_p50_us": round(_quantile(warm, 0.5) * 1e6, 2),
+        "remembered_token_p95_us": round(_quantile(warm, 0.95) * 1e6, 2),
+    }
+
+
+async def _measure(calls: int, rounds: int, warmup: int) -> dict[str, Any]:
+    from ledgerlens.runtime.auth import DevTokenIssuer
+
+    issuer = DevTokenIssuer()
+    env = {
+        **os.environ,
+        "LEDGERLENS_SERVICE_AUTH__STATIC_JWKS": json.dumps(issuer.jwks()),
+        "LEDGERLENS_SERVICE_LOG_LEVEL": "INFO",
+    }
+    token = issuer.issue("bench", [SCOPE], tenant="bench", ttl=3600)
+    metadata = {"full": (("authorization", f"Bearer {token}"),), "bare": ()}
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    try:
+        ports = {}
+        for kind in ("bare", "full"):
+            procs[kind], ports[kind] = await _start(kind, env)
+        channels = {k: grpc.aio.insecure_channel(f"127.0.0.1:{p}") for k, p in ports.items()}
+        stubs = {k: identity_pb2_grpc.IdentityServiceStub(c) for k, c in channels.items()}
+        latencies: dict[str, list[float]] = {"bare": [], "full": []}
+        seconds = {"bare": 0.0, "full": 0.0}
+        for kind in ("bare", "full"):  # warm-up: connections, caches, JIT-free but lazy init
+            await _round(stubs[kind], warmup, metadata[kind], [])
+        per_round = calls // rounds
+        for i in range(rounds):
+            order = ("bare", "full") if i % 2 == 0 else ("full", "bare")
+            for kind in order:
+                seconds[kind] += await _round(
+                    stubs[kind], per_round, metadata[kind], latencies[kind]
+                )
+        for channel in channels.values():
+            await channel.close()
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 10)
+                except TimeoutError:
+                    proc.kill()
+    bare = _summary(latencies["bare"], seconds["bare"])
+    full = _summary(latencies["full"], seconds["full"])
+    ratio = full["throughput_rps"] / bare["throughput_rps"]
+    added_p95 = full["p95_ms"] - bare["p95_ms"]
+    return {
+        "rpc": "ledgerlens.identity.v1.IdentityService/Introspect (unary)",
+        "concurrency": CONCURRENCY,
+        "rounds": rounds,
+        "cpus": os.cpu_count(),
+        "bare": bare,
+        "full": full,
+        "throughput_ratio": round(ratio, 3),
+        "added_p50_ms": round(full["p50_ms"] - bare["p50_ms"], 3),
+        "added_p95_ms": round(added_p95, 3),
+        "added_p99_ms": round(full["p99_ms"] - bare["p99_ms"], 3),
+        "targets": TARGETS,
+        "met": {
+            "throughput_ratio_min": ratio >= TARGETS["throughput_ratio_min"],
+            "added_p95_ms_max": added_p95 <= TARGETS["added_p95_ms_max"],
+        },
+    }
+
+
+def main(calls: int = 20_000, rounds: int = 20, warmup: int = 2_000) -> dict[str, Any]:
+    result = asyncio.run(_measure(calls, rounds, warmup))
+    result["token_verification"] = _verify_cost()
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--serve", choices=["full", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--calls", type=int, default=20_000, help="calls per side")
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(_serve(args.serve))
+    else:
+        print(json.dumps(main(args.calls, args.rounds), indent=2))
