@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -42,7 +43,15 @@ class _Identity(identity_pb2_grpc.IdentityServiceServicer):
         return identity_pb2.IntrospectResponse(active=True, subject="bench")
 
 
+def _pin(cpu: int) -> None:
+    """Pin this process to one CPU (the servers share one, the load generator has the
+    other), so the scheduler moving processes around does not blur the comparison."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {cpu})
+
+
 async def _serve(kind: str) -> None:
+    _pin(1)
     descriptor = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]
     add = identity_pb2_grpc.add_IdentityServiceServicer_to_server
     servicer = _Identity()  # type: ignore[abstract]
@@ -163,6 +172,7 @@ def _verify_cost(rounds: int = 2000) -> dict[str, float]:
 async def _measure(calls: int, rounds: int, warmup: int) -> dict[str, Any]:
     from ledgerlens.runtime.auth import DevTokenIssuer
 
+    _pin(0)
     issuer = DevTokenIssuer()
     env = {
         **os.environ,
@@ -170,7 +180,10 @@ async def _measure(calls: int, rounds: int, warmup: int) -> dict[str, Any]:
         "LEDGERLENS_SERVICE_LOG_LEVEL": "INFO",
     }
     token = issuer.issue("bench", [SCOPE], tenant="bench", ttl=3600)
-    metadata = {"full": (("authorization", f"Bearer {token}"),), "bare": ()}
+    # Both sides get the same requests, token included: the bare server ignores it, so
+    # the difference is what the runtime does with a call, not the bytes on the wire.
+    same = (("authorization", f"Bearer {token}"),)
+    metadata = {"full": same, "bare": same}
     procs: dict[str, asyncio.subprocess.Process] = {}
     try:
         ports = {}
@@ -180,18 +193,28 @@ async def _measure(calls: int, rounds: int, warmup: int) -> dict[str, Any]:
         stubs = {k: identity_pb2_grpc.IdentityServiceStub(c) for k, c in channels.items()}
         latencies: dict[str, list[float]] = {"bare": [], "full": []}
         seconds = {"bare": 0.0, "full": 0.0}
+        paired_p95_diffs: list[float] = []
         for kind in ("bare", "full"):  # warm-up: connections, caches, JIT-free but lazy init
             await _round(stubs[kind], warmup, metadata[kind], [])
         per_round = calls // rounds
+        # The load generator's own garbage collections would land on whichever side
+        # happens to be running; pausing them here keeps the comparison about servers.
+        gc.collect()
+        gc.disable()
         for i in range(rounds):
             order = ("bare", "full") if i % 2 == 0 else ("full", "bare")
+            round_p95 = {}
             for kind in order:
-                seconds[kind] += await _round(
-                    stubs[kind], per_round, metadata[kind], latencies[kind]
-                )
+                this_round: list[float] = []
+                seconds[kind] += await _round(stubs[kind], per_round, metadata[kind], this_round)
+                latencies[kind].extend(this_round)
+                round_p95[kind] = _quantile(sorted(this_round), 0.95)
+            paired_p95_diffs.append(round_p95["full"] - round_p95["bare"])
+        gc.enable()
         for channel in channels.values():
             await channel.close()
     finally:
+        gc.enable()
         for proc in procs.values():
             if proc.returncode is None:
                 proc.terminate()
@@ -202,17 +225,24 @@ async def _measure(calls: int, rounds: int, warmup: int) -> dict[str, Any]:
     bare = _summary(latencies["bare"], seconds["bare"])
     full = _summary(latencies["full"], seconds["full"])
     ratio = full["throughput_rps"] / bare["throughput_rps"]
-    added_p95 = full["p95_ms"] - bare["p95_ms"]
+    # This machine's noise (shared cores) moves a pooled p95 by more than a millisecond
+    # between two identical servers, so the target is judged on the paired estimate:
+    # each round measures both sides back to back, and the median of the per-round p95
+    # differences cancels drift that hits a whole round. The pooled difference is
+    # reported beside it.
+    added_p95 = statistics.median(paired_p95_diffs) * 1000
     return {
         "rpc": "ledgerlens.identity.v1.IdentityService/Introspect (unary)",
         "concurrency": CONCURRENCY,
         "rounds": rounds,
         "cpus": os.cpu_count(),
+        "pinning": "servers on cpu 1, load generator on cpu 0",
         "bare": bare,
         "full": full,
         "throughput_ratio": round(ratio, 3),
         "added_p50_ms": round(full["p50_ms"] - bare["p50_ms"], 3),
         "added_p95_ms": round(added_p95, 3),
+        "added_p95_ms_pooled": round(full["p95_ms"] - bare["p95_ms"], 3),
         "added_p99_ms": round(full["p99_ms"] - bare["p99_ms"], 3),
         "targets": TARGETS,
         "met": {
@@ -222,7 +252,7 @@ async def _measure(calls: int, rounds: int, warmup: int) -> dict[str, Any]:
     }
 
 
-def main(calls: int = 20_000, rounds: int = 20, warmup: int = 2_000) -> dict[str, Any]:
+def main(calls: int = 40_000, rounds: int = 40, warmup: int = 2_000) -> dict[str, Any]:
     result = asyncio.run(_measure(calls, rounds, warmup))
     result["token_verification"] = _verify_cost()
     return result
@@ -231,8 +261,8 @@ def main(calls: int = 20_000, rounds: int = 20, warmup: int = 2_000) -> dict[str
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--serve", choices=["full", "bare"], help=argparse.SUPPRESS)
-    parser.add_argument("--calls", type=int, default=20_000, help="calls per side")
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--calls", type=int, default=40_000, help="calls per side")
+    parser.add_argument("--rounds", type=int, default=40)
     args = parser.parse_args()
     if args.serve:
         asyncio.run(_serve(args.serve))

@@ -9,11 +9,14 @@ details and anything unexpected to a generic ``INTERNAL``; observes
 ``ledgerlens_rpc_server_duration_seconds``; and, once shutdown began, refuses new calls
 with ``UNAVAILABLE`` while the in-flight ones drain.
 
-Why one composite interceptor instead of four: grpc.aio runs every interceptor's
-``intercept_service`` on every call, and each layer would re-wrap the handler and add
-a coroutine hop. Here each method's handler is wrapped once, on its first call, with
-everything it needs resolved up front (labels, policy, span name); later calls cost a
-dict lookup to find the wrapped handler.
+Why one composite wrapper instead of four interceptors, applied at registration: each
+method's handler is wrapped once, with everything it needs resolved up front (labels,
+policy, span name). :func:`~ledgerlens.runtime.server.build_server` wraps the handlers
+as the generated ``add_*_to_server`` functions register them, so no grpc.aio
+interceptor runs at all: grpc.aio awaits every interceptor's ``intercept_service`` as
+an extra coroutine on every call, which cost a third of the runtime's overhead in
+``bench/runtime_overhead.py``. The class still works as a plain ``ServerInterceptor``
+for servers built elsewhere.
 
 Health (``grpc.health.v1.Health``) is exempt from auth, tracing and shutdown refusal
 (a probe must see ``NOT_SERVING`` while draining); reflection is exempt from auth.
@@ -33,7 +36,7 @@ import grpc
 import grpc.aio
 from google.protobuf.descriptor import ServiceDescriptor
 from ledgerlens.options.v1 import auth_pb2
-from ledgerlens.runtime.auth import TokenVerifier, principal_var
+from ledgerlens.runtime.auth import Principal, TokenVerifier, principal_var
 from ledgerlens.runtime.errors import (
     DomainError,
     PermissionDenied,
@@ -43,7 +46,7 @@ from ledgerlens.runtime.errors import (
     to_grpc_status,
 )
 from ledgerlens.runtime.metrics import RpcMetrics, rpc_metrics
-from ledgerlens.runtime.telemetry import extract_trace_context, rpc_method_var
+from ledgerlens.runtime.telemetry import extract_trace_context, rpc_method_var, tracing_exported
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -126,7 +129,6 @@ class _Method:
         "histogram",
         "labels",
         "span_attributes",
-        "started",
         "traced",
     )
 
@@ -150,7 +152,6 @@ class _Method:
             "rpc.service": service,
             "rpc.method": name,
         }
-        self.started = metrics.started.labels(service, name)  # the series exists from 0
 
     def observe(self, code: grpc.StatusCode, seconds: float) -> None:
         child = self.by_code.get(code)
@@ -185,20 +186,31 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._idle = asyncio.Event()
         self._idle.set()
 
-    # -- grpc.aio hook -------------------------------------------------------------------
+    # -- hooks -------------------------------------------------------------------------
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """``handler`` of ``method`` (``/pkg.Service/Method``) wrapped by this runtime.
+
+        Called once per method at registration (see :mod:`ledgerlens.runtime.server`).
+        """
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = self._wrap(method, handler)
+        return wrapped
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
+        """The same wrapping as a plain grpc.aio interceptor, for servers not built here."""
         method: str = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is None:
             handler = await continuation(handler_call_details)
             if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
                 return handler
-            wrapped = self._wrapped[method] = self._wrap(method, handler)
+            wrapped = self.wrap(method, handler)
         return wrapped
 
     # -- shutdown ------------------------------------------------------------------------
@@ -253,7 +265,9 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call = _Call(m)
             try:
-                await self._begin(call, context)
+                token = self._begin(call, context)
+                if token is not None:
+                    await self._authenticate(call, token)
                 return await behavior(request, context)
             except BaseException as exc:
                 await self._fail(call, exc, context)
@@ -272,7 +286,9 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         ) -> AsyncIterator[Any]:
             call = _Call(m)
             try:
-                await self._begin(call, context)
+                token = self._begin(call, context)
+                if token is not None:
+                    await self._authenticate(call, token)
                 async for response in behavior(request, context):
                     yield response
             except BaseException as exc:
@@ -285,10 +301,14 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     # -- per call ------------------------------------------------------------------------
 
-    async def _begin(self, call: _Call, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Open the call's span and contexts, then admit it (or raise a DomainError)."""
+    def _begin(self, call: _Call, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+        """Open the call's span and contexts, then admit it (or raise a DomainError).
+
+        Synchronous, because every extra coroutine layer costs measurably per call
+        (``bench/runtime_overhead.py``): a token seen before is admitted here; a new one
+        is returned for :meth:`_authenticate` to verify (which may fetch the JWKS).
+        """
         m = call.method
-        m.started.inc()
         if m.drains:
             call.counted = True
             if self._inflight == 0:
@@ -305,10 +325,15 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 has_trace = True
         if m.traced:
             parent = extract_trace_context(metadata) if has_trace else None
-            call.span = span = self._tracer.start_span(
-                m.full, context=parent, kind=SpanKind.SERVER, attributes=m.span_attributes
-            )
-            call.otel_token = otel_context.attach(trace.set_span_in_context(span, parent))
+            if tracing_exported():
+                call.span = span = self._tracer.start_span(
+                    m.full, context=parent, kind=SpanKind.SERVER, attributes=m.span_attributes
+                )
+                call.otel_token = otel_context.attach(trace.set_span_in_context(span, parent))
+            elif parent is not None:
+                # Tracing off (the default): no span, which would be dropped anyway, but
+                # the caller's trace still flows on to logs, outgoing calls and events.
+                call.otel_token = otel_context.attach(parent)
         call.method_token = rpc_method_var.set(m.full)
         if self._draining and m.drains:
             raise Unavailable("server is shutting down", retry_after=1.0)
@@ -316,15 +341,28 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             raise PermissionDenied(f"{m.full} declares no auth policy", reason="NO_AUTH_POLICY")
         if m.auth is not None and self._verifier is not None:
             token = _bearer(authorization)
-            principal = self._verifier.remembered(token) or await self._verifier.verify(token)
-            for scope in m.auth.scopes:
-                if scope not in principal.scopes:
-                    raise PermissionDenied(
-                        f"missing scope {scope!r}",
-                        reason="SCOPE_MISSING",
-                        metadata={"scope": scope},
-                    )
-            call.principal_token = principal_var.set(principal)
+            principal = self._verifier.remembered(token)
+            if principal is None:
+                return token
+            self._admit(call, m.auth, principal)
+        return None
+
+    async def _authenticate(self, call: _Call, token: str) -> None:
+        """Verify a token not seen before, then admit the call."""
+        assert self._verifier is not None
+        assert call.method.auth is not None
+        self._admit(call, call.method.auth, await self._verifier.verify(token))
+
+    @staticmethod
+    def _admit(call: _Call, policy: MethodPolicy, principal: Principal) -> None:
+        for scope in policy.scopes:
+            if scope not in principal.scopes:
+                raise PermissionDenied(
+                    f"missing scope {scope!r}",
+                    reason="SCOPE_MISSING",
+                    metadata={"scope": scope},
+                )
+        call.principal_token = principal_var.set(principal)
 
     async def _fail(
         self, call: _Call, exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]

@@ -11,7 +11,7 @@ Tests inject their own registry with :func:`use_registry` (or build an isolated
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -53,12 +53,6 @@ class RpcMetrics:
             "Time from a call's arrival to its status (whole stream for streaming RPCs).",
             ["service", "method", "code"],
             buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.started = Counter(
-            "ledgerlens_rpc_server_started_total",
-            "RPCs started, counted before authentication.",
-            ["service", "method"],
             registry=registry,
         )
 

@@ -54,7 +54,8 @@ import grpc
 import grpc.aio
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 from ledgerlens.runtime.auth import TokenVerifier
 from ledgerlens.runtime.interceptors import RuntimeInterceptor, policies_from_descriptors
 from ledgerlens.runtime.metrics import RpcMetrics
@@ -94,6 +95,50 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     ]
 
 
+_Wrap = Callable[[str, "grpc.RpcMethodHandler[Any, Any]"], "grpc.RpcMethodHandler[Any, Any]"]
+
+
+class _WrappingRegistrar:
+    """Stands in for the grpc.aio server while generated ``add_*_to_server`` functions
+    register their handlers, so every handler is wrapped by the runtime once, up front,
+    instead of by a grpc.aio interceptor on every call (see ``interceptors``)."""
+
+    def __init__(self, server: grpc.aio.Server, wrap: _Wrap) -> None:
+        self._server = server
+        self._wrap = wrap
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        # grpc-stubs predates add_registered_method_handlers (grpcio >= 1.63)
+        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
+            service, {name: self._wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
+        )
+
+    def add_generic_rpc_handlers(
+        self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]
+    ) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_WrappedGenericHandler(h, self._wrap) for h in handlers)
+        )
+
+
+class _WrappedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """A generic handler (the fallback lookup) whose handlers are wrapped too, once."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler[Any, Any], wrap: _Wrap) -> None:
+        self._inner = inner
+        self._wrap = wrap
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self._wrap(handler_call_details.method, handler)
+
+
 class ServiceServer:
     """A built, not yet started, server. See the module docstring for its lifecycle."""
 
@@ -117,16 +162,18 @@ class ServiceServer:
             metrics=metrics,
             tracer=tracer,
         )
-        self.server = grpc.aio.server(
-            interceptors=[self.interceptor], options=server_options(settings)
-        )
+        self.server = grpc.aio.server(options=server_options(settings))
+        registrar: Any = _WrappingRegistrar(self.server, self.interceptor.wrap)
         for registration in registrations:
-            registration.add_to_server(registration.servicer, self.server)
+            registration.add_to_server(registration.servicer, registrar)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         self.service_names = [d.full_name for d in descriptors]
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        # enable_server_reflection() picks its asyncio servicer only for a real grpc.aio
+        # server, so the asyncio one is registered through the registrar directly
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ReflectionServicer([*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]),
+            registrar,
         )
         self.bound_port: int = self.server.add_insecure_port(
             f"{settings.host}:{settings.grpc_port}"

@@ -55,6 +55,7 @@ __all__ = [
     "extract_trace_context",
     "inject_trace_metadata",
     "rpc_method_var",
+    "tracing_exported",
 ]
 
 #: the RPC being served (``/pkg.Service/Method``), bound by the server interceptor.
@@ -138,6 +139,11 @@ def configure_tracing(
         if _sampler is not None:
             _sampler.exporting = True
     return _provider
+
+
+def tracing_exported() -> bool:
+    """Whether spans are exported anywhere (OTLP or a test exporter) in this process."""
+    return _sampler is not None and _sampler.exporting
 
 
 def shutdown_tracing() -> None:
