@@ -34,6 +34,7 @@ lint: $(STAMP)
 	$(BIN)/mypy $(RUNTIME_SRC) libs/runtime/tests
 	cd protos && ../$(BIN)/buf lint
 	$(BIN)/python libs/contracts/generate.py --check
+	$(BIN)/python -m ledgerlens.runtime.events.infra --check
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
 
 CONCURRENCY = 32

@@ -12,6 +12,7 @@ from types import ModuleType
 
 import pytest
 from google.protobuf.descriptor import FileDescriptor, MethodDescriptor, ServiceDescriptor
+
 from ledgerlens.events.v1 import events_pb2
 from ledgerlens.inference.v1 import inference_pb2
 from ledgerlens.options.v1 import auth_pb2, event_pb2

@@ -15,6 +15,7 @@ import sys
 import grpc
 import nats
 from grpc_health.v1 import health, health_pb2_grpc
+
 from ledgerlens.runtime.ops import build_ops_app, serve_ops_app
 from ledgerlens.runtime.settings import ServiceSettings, service_config
 

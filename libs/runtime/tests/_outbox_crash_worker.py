@@ -17,11 +17,12 @@ import asyncio
 import sys
 
 from google.protobuf import struct_pb2
+from sqlalchemy import Column, String, Table, insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from ledgerlens.runtime.db import create_engine, new_metadata, session_factory
 from ledgerlens.runtime.events import EventBus
 from ledgerlens.runtime.outbox import OutboxRelay, add_to_outbox, outbox_table
-from sqlalchemy import Column, String, Table, insert
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 metadata = new_metadata()
 documents = Table(

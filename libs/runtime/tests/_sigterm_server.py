@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import grpc.aio
+
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
 from ledgerlens.runtime.auth import TokenVerifier
 from ledgerlens.runtime.server import build_server

@@ -15,14 +15,15 @@ import grpc
 import grpc.aio
 import pytest
 from google.protobuf.descriptor import ServiceDescriptor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
 from ledgerlens.runtime.auth import DevTokenIssuer, TokenVerifier, current_principal
 from ledgerlens.runtime.errors import AlreadyExists, InvalidArgument, ResourceExhausted
 from ledgerlens.runtime.metrics import RpcMetrics
 from ledgerlens.runtime.server import ServiceServer, build_server
 from ledgerlens.runtime.settings import ServiceSettings
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import CollectorRegistry
 
 AUDIENCE = "ledgerlens"
 IDENTITY_SERVICE: ServiceDescriptor = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]

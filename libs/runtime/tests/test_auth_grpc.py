@@ -14,6 +14,7 @@ import grpc.aio
 import jwt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
 from ledgerlens.runtime.auth import DevTokenIssuer
 from ledgerlens.runtime.errors import PermissionDenied, Unauthenticated, from_rpc_error

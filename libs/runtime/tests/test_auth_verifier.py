@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+
 from ledgerlens.runtime.auth import DevTokenIssuer, TokenVerifier
 from ledgerlens.runtime.errors import Unauthenticated, Unavailable
 from ledgerlens.runtime.settings import AuthSettings

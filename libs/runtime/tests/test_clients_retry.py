@@ -16,9 +16,10 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+
 from ledgerlens.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 from ledgerlens.runtime.clients import RetryPolicy, connect, retrieval_client, static_token
-from opentelemetry.sdk.trace import TracerProvider
 
 pytestmark = pytest.mark.integration
 

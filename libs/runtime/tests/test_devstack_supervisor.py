@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
+
 from ledgerlens.runtime.devstack import PID_FILE, STATE_FILE, pid_alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

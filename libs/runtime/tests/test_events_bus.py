@@ -7,6 +7,11 @@ import dataclasses
 
 import pytest
 from google.protobuf import struct_pb2, wrappers_pb2
+from nats.js import api
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import REGISTRY
+
 from ledgerlens.runtime.events import (
     HEADER_CONTENT_TYPE,
     HEADER_DLQ_DELIVERIES,
@@ -23,10 +28,6 @@ from ledgerlens.runtime.events import (
     dead_letter_subject,
 )
 from ledgerlens.runtime.testing import EventNames, PrivateNatsServer, eventually
-from nats.js import api
-from opentelemetry import trace
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import REGISTRY
 
 pytestmark = pytest.mark.integration
 

@@ -9,6 +9,8 @@ import grpc
 import grpc.aio
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
+from prometheus_client import CollectorRegistry
+
 from ledgerlens.options.v1 import auth_pb2
 from ledgerlens.runtime.auth import TokenVerifier, current_principal
 from ledgerlens.runtime.errors import NotFound, from_rpc_error
@@ -20,7 +22,6 @@ from ledgerlens.runtime.interceptors import (
 )
 from ledgerlens.runtime.metrics import RpcMetrics
 from ledgerlens.runtime.server import build_server
-from prometheus_client import CollectorRegistry
 
 pytestmark = pytest.mark.integration
 

@@ -10,6 +10,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 import httpx
 import pytest
 from fastapi import APIRouter
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
+
 from ledgerlens.runtime.ops import (
     OpsServer,
     ReadinessCheck,
@@ -17,8 +20,6 @@ from ledgerlens.runtime.ops import (
     mark_draining,
     serve_ops_app,
 )
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 
 pytestmark = pytest.mark.integration
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import struct_pb2
+from sqlalchemy import select, text
+
 from ledgerlens.runtime.db import create_engine
 from ledgerlens.runtime.events import STREAMS, EventBus, StreamSpec, Subjects
 from ledgerlens.runtime.outbox import OutboxRelay, outbox
 from ledgerlens.runtime.testing import EventNames
-from sqlalchemy import select, text
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

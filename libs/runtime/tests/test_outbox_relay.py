@@ -9,6 +9,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from google.protobuf import struct_pb2
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from ledgerlens.runtime.db import create_engine, new_metadata, session_factory
 from ledgerlens.runtime.events import (
     HEADER_MSG_ID,
@@ -27,11 +33,6 @@ from ledgerlens.runtime.outbox import (
     outbox_table,
 )
 from ledgerlens.runtime.testing import EventNames, PrivateNatsServer, eventually
-from opentelemetry import trace
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration
 

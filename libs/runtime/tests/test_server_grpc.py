@@ -10,6 +10,11 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
 from ledgerlens.runtime.errors import (
     AlreadyExists,
@@ -20,10 +25,6 @@ from ledgerlens.runtime.errors import (
 from ledgerlens.runtime.metrics import RpcMetrics
 from ledgerlens.runtime.server import ServiceServer
 from ledgerlens.runtime.telemetry import inject_trace_metadata
-from opentelemetry import trace
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
 

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from ledgerlens.runtime.settings import ServiceSettings
-from ledgerlens.runtime.telemetry import configure_logging, inject_trace_metadata
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from ledgerlens.runtime.settings import ServiceSettings
+from ledgerlens.runtime.telemetry import configure_logging, inject_trace_metadata
 
 
 @pytest.fixture

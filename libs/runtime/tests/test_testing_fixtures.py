@@ -9,6 +9,8 @@ import nats
 import pytest
 import redis
 from google.protobuf import wrappers_pb2
+from sqlalchemy import text
+
 from ledgerlens.runtime import testing
 from ledgerlens.runtime.db import create_engine
 from ledgerlens.runtime.events import STREAMS, ConsumerSpec, EventBus, dead_letter_subject
@@ -20,7 +22,6 @@ from ledgerlens.runtime.testing import (
     delete_streams,
     free_port,
 )
-from sqlalchemy import text
 
 pytestmark = pytest.mark.integration
 

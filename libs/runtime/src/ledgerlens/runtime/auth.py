@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
 from ledgerlens.runtime.errors import Unauthenticated, Unavailable
 from ledgerlens.runtime.settings import AuthSettings
 

@@ -35,6 +35,10 @@ from typing import Any, TypeAlias
 import grpc
 import grpc.aio
 from google.protobuf.descriptor import ServiceDescriptor
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
 from ledgerlens.options.v1 import auth_pb2
 from ledgerlens.runtime.auth import Principal, TokenVerifier, principal_var
 from ledgerlens.runtime.errors import (
@@ -47,9 +51,6 @@ from ledgerlens.runtime.errors import (
 )
 from ledgerlens.runtime.metrics import RpcMetrics, rpc_metrics
 from ledgerlens.runtime.telemetry import extract_trace_context, rpc_method_var, tracing_exported
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
 __all__ = [
     "HEALTH_PREFIX",

@@ -36,8 +36,6 @@ from typing import Any
 
 import nats.errors
 from google.protobuf.message import Message
-from ledgerlens.runtime.db import new_metadata
-from ledgerlens.runtime.events.bus import EventBus, message_headers
 from opentelemetry import propagate
 from sqlalchemy import (
     JSON,
@@ -67,6 +65,9 @@ from tenacity import (
     retry_if_exception_type,
     wait_exponential_jitter,
 )
+
+from ledgerlens.runtime.db import new_metadata
+from ledgerlens.runtime.events.bus import EventBus, message_headers
 
 __all__ = [
     "OUTBOX_METADATA",

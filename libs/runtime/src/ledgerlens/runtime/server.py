@@ -56,11 +56,12 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
+from opentelemetry import trace
+
 from ledgerlens.runtime.auth import TokenVerifier
 from ledgerlens.runtime.interceptors import RuntimeInterceptor, policies_from_descriptors
 from ledgerlens.runtime.metrics import RpcMetrics
 from ledgerlens.runtime.settings import ServiceSettings
-from opentelemetry import trace
 
 __all__ = ["ServiceRegistration", "ServiceServer", "build_server", "server_options"]
 

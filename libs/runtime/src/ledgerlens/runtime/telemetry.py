@@ -25,7 +25,6 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
-from ledgerlens.runtime.settings import ServiceSettings
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
@@ -47,6 +46,8 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 from pythonjsonlogger.json import JsonFormatter
+
+from ledgerlens.runtime.settings import ServiceSettings
 
 __all__ = [
     "RedactingFilter",

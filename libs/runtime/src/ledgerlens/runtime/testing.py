@@ -45,14 +45,15 @@ import nats.errors
 import pytest
 import pytest_asyncio
 import redis
-from ledgerlens.runtime.db import create_engine
-from ledgerlens.runtime.events import STREAMS, ConsumerSpec, EventBus, StreamSpec
-from ledgerlens.runtime.settings import ServiceSettings
-from ledgerlens.runtime.telemetry import configure_tracing
 from nats.aio.client import Client as NatsClient
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledgerlens.runtime.db import create_engine
+from ledgerlens.runtime.events import STREAMS, ConsumerSpec, EventBus, StreamSpec
+from ledgerlens.runtime.settings import ServiceSettings
+from ledgerlens.runtime.telemetry import configure_tracing
 
 __all__ = [
     "DEFAULT_NATS_URL",

@@ -27,13 +27,6 @@ import nats
 import nats.errors
 import nats.js.errors
 from google.protobuf.message import DecodeError, Message
-from ledgerlens.runtime.events.metrics import (
-    EVENT_HANDLE_DURATION,
-    EVENTS_CONSUMED,
-    EVENTS_PUBLISHED,
-    Outcome,
-)
-from ledgerlens.runtime.events.specs import ConsumerSpec, StreamSpec, dead_letter_subject
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
@@ -41,6 +34,14 @@ from nats.js.manager import JetStreamManager
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ledgerlens.runtime.events.metrics import (
+    EVENT_HANDLE_DURATION,
+    EVENTS_CONSUMED,
+    EVENTS_PUBLISHED,
+    Outcome,
+)
+from ledgerlens.runtime.events.specs import ConsumerSpec, StreamSpec, dead_letter_subject
 
 __all__ = [
     "CONTENT_TYPE_PROTOBUF",

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from google.protobuf.message import Message
+from nats.js import api
+
 from ledgerlens.events.v1 import events_pb2
 from ledgerlens.options.v1 import event_pb2
-from nats.js import api
 
 __all__ = [
     "CONSUMERS",
