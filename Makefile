@@ -46,4 +46,4 @@ down: $(STAMP)
 	$(BIN)/python -m ledgerlens.runtime.devstack down
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	@$(BIN)/python bench/run.py
