@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import grpc.aio
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
@@ -23,6 +23,7 @@ from ledgerlens.runtime.errors import (
     from_rpc_error,
 )
 from ledgerlens.runtime.metrics import RpcMetrics
+from ledgerlens.runtime.ops import build_ops_app, serve_ops_app
 from ledgerlens.runtime.server import ServiceServer
 from ledgerlens.runtime.telemetry import inject_trace_metadata
 
@@ -147,7 +148,17 @@ async def test_metrics_count_the_call_by_service_method_and_code(
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.CreateApiKey(identity_pb2.CreateApiKeyRequest(name="c"))  # no token
 
-    exposition = generate_latest(metrics.registry).decode()
+    # scraped over HTTP from the ops app, as Prometheus would
+    ops = await serve_ops_app(
+        build_ops_app("identity-test", registry=metrics.registry), "127.0.0.1", 0
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ops.port}") as http:
+            scrape = await http.get("/metrics")
+    finally:
+        await ops.stop()
+    assert scrape.status_code == 200
+    exposition = scrape.text
     counts = {}
     buckets = 0
     for family in text_string_to_metric_families(exposition):
