@@ -157,7 +157,7 @@ class _Method:
     def observe(self, code: grpc.StatusCode, seconds: float) -> None:
         child = self.by_code.get(code)
         if child is None:
-            child = self.by_code[code] = self.histogram.labels(*self.labels, code.name)
+            child = self.by_code[code] = self.histogram.series(*self.labels, code.name)
         child.observe(seconds)
 
 
