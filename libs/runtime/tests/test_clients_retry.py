@@ -8,7 +8,6 @@ deadline, and the authorization + traceparent metadata arriving at the server.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -20,17 +19,11 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from ledgerlens.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 from ledgerlens.runtime.clients import RetryPolicy, connect, retrieval_client, static_token
+from ledgerlens.runtime.net import free_port
 
 pytestmark = pytest.mark.integration
 
 HealthStub = health_pb2_grpc.HealthStub
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Recorder(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -94,7 +87,7 @@ async def servers() -> AsyncIterator[list[grpc.aio.Server]]:
 async def test_unary_call_succeeds_once_the_server_comes_up(
     servers: list[grpc.aio.Server],
 ) -> None:
-    port = _free_port()
+    port = free_port()
     recorder = Recorder()
     counter = AttemptCounter()
 
@@ -122,7 +115,7 @@ async def test_a_server_that_never_comes_up_fails_unavailable_after_bounded_atte
     counter = AttemptCounter()
     retry = RetryPolicy(max_attempts=4, initial_backoff=0.05, max_backoff=0.1)
     async with connect(
-        HealthStub, f"127.0.0.1:{_free_port()}", default_timeout=5, retry=retry,
+        HealthStub, f"127.0.0.1:{free_port()}", default_timeout=5, retry=retry,
         interceptors=[counter],
     ) as client:  # fmt: skip
         started = time.monotonic()
@@ -139,7 +132,7 @@ async def test_retries_never_run_past_the_deadline() -> None:
     counter = AttemptCounter()
     retry = RetryPolicy(max_attempts=1000, initial_backoff=0.1, max_backoff=0.4)
     async with connect(
-        HealthStub, f"127.0.0.1:{_free_port()}", default_timeout=1.0, retry=retry,
+        HealthStub, f"127.0.0.1:{free_port()}", default_timeout=1.0, retry=retry,
         interceptors=[counter],
     ) as client:  # fmt: skip
         started = time.monotonic()
@@ -154,7 +147,7 @@ async def test_retries_never_run_past_the_deadline() -> None:
 
 
 async def test_other_errors_are_not_retried(servers: list[grpc.aio.Server]) -> None:
-    port = _free_port()
+    port = free_port()
     recorder = Recorder()
     servers.append(await _start_health_server(port, recorder))
     counter = AttemptCounter()
@@ -172,7 +165,7 @@ async def test_streaming_calls_are_not_retried() -> None:
     counter = StreamCounter()
     retry = RetryPolicy(max_attempts=5, initial_backoff=0.01, max_backoff=0.02)
     async with connect(
-        HealthStub, f"127.0.0.1:{_free_port()}", retry=retry, interceptors=[counter]
+        HealthStub, f"127.0.0.1:{free_port()}", retry=retry, interceptors=[counter]
     ) as client:
         stream = client.stub.Watch(health_pb2.HealthCheckRequest())
         with pytest.raises(grpc.aio.AioRpcError) as failure:
@@ -184,7 +177,7 @@ async def test_streaming_calls_are_not_retried() -> None:
 
 
 async def test_token_and_trace_context_reach_the_server(servers: list[grpc.aio.Server]) -> None:
-    port = _free_port()
+    port = free_port()
     recorder = Recorder()
     servers.append(await _start_health_server(port, recorder))
 
@@ -211,7 +204,7 @@ async def test_token_and_trace_context_reach_the_server(servers: list[grpc.aio.S
 
 
 async def test_no_token_means_no_authorization_header(servers: list[grpc.aio.Server]) -> None:
-    port = _free_port()
+    port = free_port()
     recorder = Recorder()
     servers.append(await _start_health_server(port, recorder))
 
@@ -222,7 +215,7 @@ async def test_no_token_means_no_authorization_header(servers: list[grpc.aio.Ser
 
 
 async def test_calls_get_the_default_deadline(servers: list[grpc.aio.Server]) -> None:
-    port = _free_port()
+    port = free_port()
     servers.append(await _start_health_server(port, Recorder(delay=3.0)))
 
     async with connect(HealthStub, f"127.0.0.1:{port}", default_timeout=0.5) as client:
@@ -238,7 +231,7 @@ async def test_calls_get_the_default_deadline(servers: list[grpc.aio.Server]) ->
 async def test_named_constructor_calls_the_generated_service(
     servers: list[grpc.aio.Server],
 ) -> None:
-    port = _free_port()
+    port = free_port()
     recorder = Recorder()
     server = grpc.aio.server(interceptors=[recorder])
     # the generated base servicer answers UNIMPLEMENTED to every RPC

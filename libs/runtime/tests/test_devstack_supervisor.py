@@ -24,18 +24,12 @@ import nats
 import pytest
 
 from ledgerlens.runtime.devstack import PID_FILE, STATE_FILE, pid_alive
+from ledgerlens.runtime.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TESTS_DIR = Path(__file__).resolve().parent
 READY_TIMEOUT = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(autouse=True)
@@ -55,8 +49,8 @@ def _write_registry(path: Path, fake_env: dict[str, str] | None = None) -> Path:
     env = ", ".join(f'{key} = "{value}"' for key, value in (fake_env or {}).items())
     path.write_text(
         "services = [\n"
-        f'  {{ name = "fake", module = "_devstack_fake_service", grpc_port = {_free_port()},'
-        f" http_port = {_free_port()}, env = {{ {env} }} }},\n"
+        f'  {{ name = "fake", module = "_devstack_fake_service", grpc_port = {free_port()},'
+        f" http_port = {free_port()}, env = {{ {env} }} }},\n"
         '  { name = "later", module = "ledgerlens.services.not_written_yet",'
         " grpc_port = 50999, http_port = 8999 },\n"
         "]\n"

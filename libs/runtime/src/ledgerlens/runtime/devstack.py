@@ -39,6 +39,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ledgerlens.runtime.net import free_port
+
 __all__ = [
     "ServiceEntry",
     "Supervisor",
@@ -129,18 +131,11 @@ def _port_free(port: int) -> bool:
         return True
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def pick_port(preferred: int, taken: set[int]) -> int:
     """``preferred`` if nothing listens there, else a free port (never one in ``taken``)."""
     port = preferred
     while port in taken or not _port_free(port):
-        port = _free_port()
+        port = free_port(HOST)
     taken.add(port)
     return port
 

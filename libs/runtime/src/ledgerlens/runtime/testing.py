@@ -52,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledgerlens.runtime.db import create_engine
 from ledgerlens.runtime.events import STREAMS, ConsumerSpec, EventBus, StreamSpec
+from ledgerlens.runtime.net import free_port
 from ledgerlens.runtime.settings import ServiceSettings
 from ledgerlens.runtime.telemetry import configure_tracing
 
@@ -140,13 +141,6 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not reached within {within}s")
         await asyncio.sleep(interval)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _token() -> str:
