@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ledgerlens-setup
 PYPROJECTS := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 RUNTIME_SRC := libs/runtime/src/ledgerlens/runtime
+SERVICE_SRC := $(wildcard services/*/src/ledgerlens/services/*)
 
 .PHONY: setup protos fmt lint typecheck test up down bench
 
@@ -26,12 +27,12 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy $(RUNTIME_SRC) libs/runtime/tests
+	$(BIN)/mypy $(RUNTIME_SRC) libs/runtime/tests $(SERVICE_SRC)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy $(RUNTIME_SRC) libs/runtime/tests
+	$(BIN)/mypy $(RUNTIME_SRC) libs/runtime/tests $(SERVICE_SRC)
 	cd protos && ../$(BIN)/buf lint
 	$(BIN)/python libs/contracts/generate.py --check
 	$(BIN)/python -m ledgerlens.runtime.events.infra --check

@@ -105,13 +105,38 @@ async def test_an_unknown_kid_triggers_a_refetch_after_rotation(jwks_server: Jwk
 async def test_unknown_kid_refetches_are_rate_limited(jwks_server: JwksServer) -> None:
     issuer = DevTokenIssuer()
     jwks_server.serve(issuer)
-    verifier = _verifier(jwks_server.url, jwks_min_refresh_seconds=60)
+    verifier = _verifier(jwks_server.url, jwks_min_refresh_seconds=0.3)
     try:
         await verifier.verify(issuer.issue("alice"))
-        for _ in range(5):  # a flood of tokens with made-up kids
+        bogus = DevTokenIssuer().issue("mallory")
+        for _ in range(5):  # the same made-up kid again and again
             with pytest.raises(Unauthenticated):
-                await verifier.verify(DevTokenIssuer().issue("mallory"))
-        assert jwks_server.requests == 1
+                await verifier.verify(bogus)
+        assert jwks_server.requests == 2  # looked for once, then remembered as missing
+
+        async def refused(token: str) -> None:
+            with pytest.raises(Unauthenticated):
+                await verifier.verify(token)
+
+        # a flood of different made-up kids at once shares one refetch
+        await asyncio.gather(*(refused(DevTokenIssuer().issue("m")) for _ in range(10)))
+        assert jwks_server.requests == 3
+    finally:
+        await verifier.aclose()
+
+
+async def test_a_key_published_right_after_a_fetch_is_still_accepted(
+    jwks_server: JwksServer,
+) -> None:
+    old, new = DevTokenIssuer(), DevTokenIssuer()
+    jwks_server.serve(old)
+    verifier = _verifier(jwks_server.url, jwks_min_refresh_seconds=0.3)
+    try:
+        await verifier.verify(old.issue("alice"))  # fetched just now
+        jwks_server.serve(old, new)  # a rotation publishes a new key
+        principal = await verifier.verify(new.issue("bob"))  # waits out the interval
+        assert principal.subject == "bob"
+        assert jwks_server.requests == 2
     finally:
         await verifier.aclose()
 

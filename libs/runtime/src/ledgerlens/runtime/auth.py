@@ -51,6 +51,7 @@ _REQUIRED_CLAIMS = ["sub", "exp", "iat", "jti"]
 #: (a symmetric "key" would be the public JWKS, letting anyone forge tokens).
 _FORBIDDEN_ALGORITHMS = frozenset({"none", "HS256", "HS384", "HS512"})
 _ASYMMETRIC_ALGORITHMS = frozenset({"ES256", "ES384", "ES512", "EdDSA", "Ed25519"})
+_MAX_MISSING_KIDS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,7 @@ class TokenVerifier:
         algorithms: Iterable[str] = ("ES256", "EdDSA"),
         leeway_seconds: float = 30.0,
         jwks_cache_seconds: float = 300.0,
-        jwks_min_refresh_seconds: float = 5.0,
+        jwks_min_refresh_seconds: float = 1.0,
         http_timeout_seconds: float = 5.0,
         verified_cache_size: int = 10_000,
     ) -> None:
@@ -119,6 +120,8 @@ class TokenVerifier:
         self.min_refresh_seconds = jwks_min_refresh_seconds
         self._http_timeout = http_timeout_seconds
         self._keys: dict[str, jwt.PyJWK] = {}
+        #: kids looked for and not found, and when (see ``_may_look_for``)
+        self._missing: dict[str, float] = {}
         self._raw: dict[str, Any] = {}
         self._fetched_at: float | None = None  # monotonic time of the last fetch attempt
         self._loaded_at: float | None = None  # monotonic time of the last successful fetch
@@ -238,14 +241,41 @@ class TokenVerifier:
             never = self._fetched_at is None
             if never or self._stale():
                 await self._refetch(force=never)
-            elif kid not in self._keys:
-                await self._refetch(force=False)
+            elif kid not in self._keys and self._may_look_for(kid):
+                await self._refetch_when_allowed()
+                if kid not in self._keys:
+                    self._note_missing(kid)
             if not self._keys and self._loaded_at is None:
                 raise Unavailable("signing keys are not available yet", retry_after=1.0)
         key = self._keys.get(kid)
         if key is None:
             raise Unauthenticated(f"unknown signing key {kid!r}", reason="TOKEN_KID_UNKNOWN")
         return key
+
+    def _may_look_for(self, kid: str) -> bool:
+        """An unknown kid is looked for again only after ``jwks_min_refresh_seconds``."""
+        missed = self._missing.get(kid)
+        return missed is None or time.monotonic() - missed >= self.min_refresh_seconds
+
+    def _note_missing(self, kid: str) -> None:
+        if len(self._missing) >= _MAX_MISSING_KIDS:  # bounded: random kids cost nothing
+            self._missing.clear()
+        self._missing[kid] = time.monotonic()
+
+    async def _refetch_when_allowed(self) -> None:
+        """Refetch for a kid not seen yet, waiting out the refresh interval if needed.
+
+        A token signed by a just-rotated key is valid: it must not be refused because
+        the JWKS happened to be fetched a moment before the key appeared. So instead of
+        skipping the fetch inside the interval, the caller waits for it (once per new
+        kid; concurrent callers share one fetch).
+        """
+        last = self._fetched_at
+        if last is not None:
+            wait = self.min_refresh_seconds - (time.monotonic() - last)
+            if wait > 0:
+                await asyncio.sleep(wait)
+        await self._refetch(force=False)
 
     async def _refetch(self, *, force: bool) -> None:
         """Fetch the JWKS, at most every ``jwks_min_refresh_seconds`` unless ``force``.

@@ -40,8 +40,9 @@ class AuthSettings(BaseSettings):
     jwks_url: str | None = None
     #: how long a fetched JWKS is trusted before it is fetched again (seconds).
     jwks_cache_seconds: float = Field(default=300.0, gt=0)
-    #: an unknown ``kid`` triggers a refetch, at most this often (seconds).
-    jwks_min_refresh_seconds: float = Field(default=5.0, ge=0)
+    #: an unknown ``kid`` triggers a refetch, at most this often (seconds); a token with
+    #: a new kid waits out the rest of the interval rather than being refused.
+    jwks_min_refresh_seconds: float = Field(default=1.0, ge=0)
     #: static public keys (a JWKS JSON document) used instead of ``jwks_url`` (tests).
     static_jwks: str | None = None
     issuer: str = "ledgerlens-identity"

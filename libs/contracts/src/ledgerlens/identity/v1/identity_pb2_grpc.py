@@ -134,10 +134,13 @@ class IdentityServiceServicer(object):
 
     def IssueToken(self, request, context):
         """OAuth2 client-credentials grant: API key id + secret in, a short-lived JWT
-        out. UNAUTHENTICATED for an unknown, revoked or expired key or a wrong
-        secret (one message for all, so keys cannot be probed); PERMISSION_DENIED
-        when asking for a scope the key does not hold (OAuth2 `invalid_scope`);
-        RESOURCE_EXHAUSTED when the key or client address is over its rate limit.
+        out. UNAUTHENTICATED for an unknown key or a wrong secret (one message for
+        both, so keys cannot be probed), and for a revoked or expired key (saying
+        which, only once the secret is right); INVALID_ARGUMENT with reason
+        INVALID_SCOPE when asking for a scope the key does not hold (OAuth2
+        `invalid_scope`), or for an audience identity does not issue for;
+        RESOURCE_EXHAUSTED with retry info when the key or client address is over
+        its rate limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
