@@ -16,6 +16,9 @@ class Settings(ServiceSettings):
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     http_port: int = Field(default=8081, ge=0, le=65535)
     database_url: str = "sqlite+aiosqlite:///.data/identity.db"
+    #: the key-encryption key and the dev CA live here (what `make up` uses too, so
+    #: `python -m ledgerlens.services.identity create-key` from the repo root matches it)
+    data_dir: str = ".data/identity"
 
     #: ``iss`` of every token, and the ``aud`` tokens are issued for.
     issuer: str = "ledgerlens-identity"
