@@ -1,0 +1,1 @@
+"""``ledgerlens``: the command-line way into the platform (typer + rich)."""

@@ -1,0 +1,76 @@
+"""The ``ledgerlens`` command: global options, and every command group wired in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ledgerlens.cli import identity
+from ledgerlens.cli.config import (
+    CONFIG_DIR_ENV,
+    DEFAULT_IDENTITY_TARGET,
+    DEFAULT_IDENTITY_URL,
+    IDENTITY_TARGET_ENV,
+    IDENTITY_URL_ENV,
+    CliConfig,
+    default_config_dir,
+)
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="ledgerlens",
+    help="The ledgerlens platform from the command line.",
+    no_args_is_help=True,
+    add_completion=False,
+    # a traceback's locals could hold a secret or a token: never print them
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    identity_target: Annotated[
+        str,
+        typer.Option(
+            "--identity",
+            envvar=IDENTITY_TARGET_ENV,
+            help="The identity service's gRPC address (host:port).",
+        ),
+    ] = DEFAULT_IDENTITY_TARGET,
+    identity_url: Annotated[
+        str,
+        typer.Option(
+            "--identity-http",
+            envvar=IDENTITY_URL_ENV,
+            help="The identity service's HTTP base URL (JWKS, OAuth2, health).",
+        ),
+    ] = DEFAULT_IDENTITY_URL,
+    config_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--config-dir",
+            envvar=CONFIG_DIR_ENV,
+            help="Where the cached credentials live (default ~/.config/ledgerlens).",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="Deadline of each call, in seconds.")
+    ] = 10.0,
+) -> None:
+    ctx.obj = CliConfig(
+        identity_target=identity_target,
+        identity_url=identity_url.rstrip("/"),
+        config_dir=config_dir if config_dir is not None else default_config_dir(),
+        timeout_seconds=timeout,
+    )
+
+
+identity.register(app)
+
+
+if __name__ == "__main__":
+    app(prog_name="ledgerlens")
