@@ -129,6 +129,7 @@ class _Method:
         "full",
         "histogram",
         "labels",
+        "ok",
         "span_attributes",
         "traced",
     )
@@ -142,6 +143,7 @@ class _Method:
         self.histogram = metrics.duration
         #: histogram children by status code, created on first use (``labels()`` is slow)
         self.by_code: dict[grpc.StatusCode, Any] = {}
+        self.ok = metrics.duration.series(service, name, "OK")
         health = full.startswith(HEALTH_PREFIX)
         self.traced = not health
         self.drains = not health
@@ -155,6 +157,9 @@ class _Method:
         }
 
     def observe(self, code: grpc.StatusCode, seconds: float) -> None:
+        if code is _OK:  # the common case, without hashing an enum member
+            self.ok.observe(seconds)
+            return
         child = self.by_code.get(code)
         if child is None:
             child = self.by_code[code] = self.histogram.series(*self.labels, code.name)
@@ -462,6 +467,10 @@ class _Call:
 
 
 def _bearer(authorization: str | None) -> str:
+    if authorization is not None and authorization.startswith("Bearer "):  # the usual form
+        token = authorization[7:]
+        if token and token[0] != " " and token[-1] != " ":
+            return token
     if authorization is None:
         raise Unauthenticated("missing bearer token", reason="TOKEN_MISSING")
     scheme, _, token = authorization.partition(" ")
