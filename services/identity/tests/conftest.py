@@ -98,3 +98,7 @@ async def core(
         yield core
     finally:
         await core.close()
+
+
+# The CA fixtures live beside this file (shared helpers too, imported by the tests).
+from _ca_fixtures import ca, ca_db_url, ca_dir, ca_engine, ca_store  # noqa: E402, F401

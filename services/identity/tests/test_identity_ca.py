@@ -4,14 +4,12 @@ revocation and CRLs, and where the CA's key does (not) live."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import stat
-import sys
 from datetime import timedelta
 from pathlib import Path
-from types import ModuleType
 
+import _ca_fixtures as fx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -36,29 +34,6 @@ from ledgerlens.services.identity.ca import (
 )
 from ledgerlens.services.identity.ca_store import CaStore
 from ledgerlens.services.identity.settings import Settings
-
-
-def _helpers() -> ModuleType:
-    """``_ca_fixtures.py`` beside this file (tests are not a package here)."""
-    if "_ca_fixtures" not in sys.modules:
-        path = Path(__file__).with_name("_ca_fixtures.py")
-        spec = importlib.util.spec_from_file_location("_ca_fixtures", path)
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["_ca_fixtures"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["_ca_fixtures"]
-
-
-fx = _helpers()
-ca_db_url, ca_engine, ca_store, ca_dir, ca = (
-    fx.ca_db_url,
-    fx.ca_engine,
-    fx.ca_store,
-    fx.ca_dir,
-    fx.ca,
-)
 
 pytestmark = pytest.mark.integration
 
