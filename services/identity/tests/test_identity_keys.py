@@ -252,6 +252,18 @@ async def test_authenticate(core: IdentityCore, clock: Any) -> None:
     assert ok.key_id == record.key_id
     stored = await core.store.get_api_key(record.key_id)
     assert stored is not None
+    first_use = clock()
+    assert stored[0].last_used_at == first_use
+    # kept to the minute: a use within it writes nothing, a later one does
+    clock.advance(30)
+    await core.keys.authenticate(record.key_id, secret)
+    stored = await core.store.get_api_key(record.key_id)
+    assert stored is not None
+    assert stored[0].last_used_at == first_use
+    clock.advance(31)
+    await core.keys.authenticate(record.key_id, secret)
+    stored = await core.store.get_api_key(record.key_id)
+    assert stored is not None
     assert stored[0].last_used_at == clock()
 
     with pytest.raises(Unauthenticated) as wrong:

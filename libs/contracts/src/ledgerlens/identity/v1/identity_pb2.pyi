@@ -259,7 +259,7 @@ class ApiKey(google.protobuf.message.Message):
 
     @property
     def last_used_at(self) -> google.protobuf.timestamp_pb2.Timestamp:
-        """When the key last obtained a token; unset if never."""
+        """When the key last obtained a token (to the minute); unset if never."""
 
     def __init__(
         self,

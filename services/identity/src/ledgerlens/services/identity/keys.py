@@ -22,7 +22,7 @@ import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
@@ -76,6 +76,10 @@ MAX_PAGE_SIZE = 500
 _SECRET_BYTES = 32
 #: the one message for an unknown key and a wrong secret (no oracle for probing ids).
 BAD_CREDENTIALS = "invalid client credentials"
+
+
+#: how precisely ``last_used_at`` is kept (see ``ApiKeys.note_use``).
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 class ApiKeyState(enum.Enum):
@@ -289,5 +293,13 @@ class ApiKeys:
         if record is None:
             raise Unauthenticated(BAD_CREDENTIALS, reason="BAD_CREDENTIALS")
         self.check_usable(record)
-        await self._store.touch_api_key(record.key_id, self._clock())
+        await self.note_use(record)
         return record
+
+    async def note_use(self, record: ApiKeyRecord) -> None:
+        """Record ``last_used_at``, to the minute: a write per token request would make
+        the hot path of ``IssueToken`` a database write (and SQLite has one writer)."""
+        now = self._clock()
+        last = record.last_used_at
+        if last is None or now - last >= LAST_USED_RESOLUTION:
+            await self._store.touch_api_key(record.key_id, now)

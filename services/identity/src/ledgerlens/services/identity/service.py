@@ -234,7 +234,7 @@ class IdentityCore:
             subject=record.key_id, tenant_id=record.tenant_id, audience=aud, scopes=granted
         )
         token, kid = await self.signing.sign(claims)
-        await self.store.touch_api_key(record.key_id, self._clock())
+        await self.keys.note_use(record)
         expires_in = claims["exp"] - claims["iat"]
         log.info("issued token %s for key %s (kid %s)", claims["jti"], record.key_id, kid)
         return IssuedToken(
