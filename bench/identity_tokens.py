@@ -53,6 +53,7 @@ import grpc
 import grpc.aio
 import httpx
 import jwt
+from _common import pin, quantile, rpc_summary
 
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
 
@@ -73,17 +74,11 @@ def _log(message: str) -> None:
     print(f"[identity_tokens] {message}", file=sys.stderr, flush=True)
 
 
-def _pin(cpu: int) -> None:
-    """Pin this process to one CPU (server on one, load generator on the other)."""
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
-        os.sched_setaffinity(0, {cpu})
-
-
 # -- server side (subprocess) ------------------------------------------------------------
 
 
 async def _serve() -> None:
-    _pin(1)
+    pin(1)
     from ledgerlens.runtime.telemetry import configure_logging, configure_tracing
     from ledgerlens.services.identity.app import run_identity
     from ledgerlens.services.identity.settings import Settings
@@ -158,10 +153,6 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
 # -- measurements --------------------------------------------------------------------------
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
 async def _issue(
     stub: Any, request: identity_pb2.IssueTokenRequest, calls: int, concurrency: int
 ) -> tuple[list[float], list[str], float]:
@@ -184,28 +175,15 @@ async def _issue(
     return latencies, tokens, time.perf_counter() - started
 
 
-def _issue_summary(latencies: list[float], seconds: float) -> dict[str, float]:
-    values = sorted(latencies)
-    return {
-        "calls": len(values),
-        "seconds": round(seconds, 3),
-        "throughput_rps": round(len(values) / seconds, 1),
-        "p50_ms": round(_quantile(values, 0.50) * 1000, 3),
-        "p95_ms": round(_quantile(values, 0.95) * 1000, 3),
-        "p99_ms": round(_quantile(values, 0.99) * 1000, 3),
-        "mean_ms": round(statistics.fmean(values) * 1000, 3),
-    }
-
-
 def _verify_summary(latencies: list[float], call: str) -> dict[str, Any]:
     values = sorted(latencies)
-    p95 = _quantile(values, 0.95) * 1e6
+    p95 = quantile(values, 0.95) * 1e6
     return {
         "call": call,
         "n": len(values),
-        "p50_us": round(_quantile(values, 0.50) * 1e6, 2),
+        "p50_us": round(quantile(values, 0.50) * 1e6, 2),
         "p95_us": round(p95, 2),
-        "p99_us": round(_quantile(values, 0.99) * 1e6, 2),
+        "p99_us": round(quantile(values, 0.99) * 1e6, 2),
         "mean_us": round(statistics.fmean(values) * 1e6, 2),
         "met": {"verify_p95_us_max": p95 <= TARGETS["verify_p95_us_max"]},
     }
@@ -233,8 +211,8 @@ async def _signature_floor(http_url: str, tokens: list[str]) -> dict[str, Any]:
     return {
         "call": "jwt algorithm.verify(signing_input, key, signature) only",
         "n": len(values),
-        "p50_us": round(_quantile(values, 0.50) * 1e6, 2),
-        "p95_us": round(_quantile(values, 0.95) * 1e6, 2),
+        "p50_us": round(quantile(values, 0.50) * 1e6, 2),
+        "p95_us": round(quantile(values, 0.95) * 1e6, 2),
     }
 
 
@@ -296,7 +274,7 @@ async def _verify(http_url: str, tokens: list[str], n: int) -> dict[str, Any]:
 async def _bench(
     algorithm: str, workdir: Path, calls: int, warmup: int, sequential: int, n: int
 ) -> dict[str, Any]:
-    _pin(0)
+    pin(0)
     _log(f"{algorithm}: starting identity")
     proc, info, _ = await _start(algorithm, workdir)
     try:
@@ -317,8 +295,8 @@ async def _bench(
                 seq_latencies, _, seq_seconds = await _issue(stub, request, sequential, 1)
             finally:
                 gc.enable()
-        issue = _issue_summary(latencies, seconds)
-        issue_seq = _issue_summary(seq_latencies, seq_seconds)
+        issue = rpc_summary(latencies, seconds)
+        issue_seq = rpc_summary(seq_latencies, seq_seconds)
         _log(
             f"{algorithm}: IssueToken {issue['throughput_rps']} rps, p95 {issue['p95_ms']} ms"
             f" (c=1: p95 {issue_seq['p95_ms']} ms); verifying {n} + {n} tokens"

@@ -32,6 +32,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from _common import pin, quantile, rpc_summary
 
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
 
@@ -50,15 +51,8 @@ class _Identity(identity_pb2_grpc.IdentityServiceServicer):
         return identity_pb2.IntrospectResponse(active=True, subject="bench")
 
 
-def _pin(cpu: int) -> None:
-    """Pin this process to one CPU (the servers share one, the load generator has the
-    other), so the scheduler moving processes around does not blur the comparison."""
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
-        os.sched_setaffinity(0, {cpu})
-
-
 async def _serve(kind: str) -> None:
-    _pin(1)
+    pin(1)
     descriptor = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]
     add = identity_pb2_grpc.add_IdentityServiceServicer_to_server
     servicer = _Identity()  # type: ignore[abstract]
@@ -113,23 +107,6 @@ async def _round(
     return time.perf_counter() - started
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
-def _summary(latencies: list[float], seconds: float) -> dict[str, float]:
-    values = sorted(latencies)
-    return {
-        "calls": len(values),
-        "seconds": round(seconds, 3),
-        "throughput_rps": round(len(values) / seconds, 1),
-        "p50_ms": round(_quantile(values, 0.50) * 1000, 3),
-        "p95_ms": round(_quantile(values, 0.95) * 1000, 3),
-        "p99_ms": round(_quantile(values, 0.99) * 1000, 3),
-        "mean_ms": round(statistics.fmean(values) * 1000, 3),
-    }
-
-
 async def _start(kind: str, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, int]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -169,10 +146,10 @@ def _verify_cost(rounds: int = 2000) -> dict[str, float]:
 
     fresh, warm = asyncio.run(measure())
     return {
-        "signature_check_p50_us": round(_quantile(fresh, 0.5) * 1e6, 1),
-        "signature_check_p95_us": round(_quantile(fresh, 0.95) * 1e6, 1),
-        "remembered_token_p50_us": round(_quantile(warm, 0.5) * 1e6, 2),
-        "remembered_token_p95_us": round(_quantile(warm, 0.95) * 1e6, 2),
+        "signature_check_p50_us": round(quantile(fresh, 0.5) * 1e6, 1),
+        "signature_check_p95_us": round(quantile(fresh, 0.95) * 1e6, 1),
+        "remembered_token_p50_us": round(quantile(warm, 0.5) * 1e6, 2),
+        "remembered_token_p95_us": round(quantile(warm, 0.95) * 1e6, 2),
     }
 
 
@@ -180,7 +157,7 @@ async def _measure(calls: int, rounds: int, warmup: int, candidate: str = "full"
     """``bare`` against ``candidate`` (the runtime, or a second bare server: A/A)."""
     from ledgerlens.runtime.auth import DevTokenIssuer
 
-    _pin(0)
+    pin(0)
     issuer = DevTokenIssuer()
     env = {
         **os.environ,
@@ -216,7 +193,7 @@ async def _measure(calls: int, rounds: int, warmup: int, candidate: str = "full"
                 this_round: list[float] = []
                 seconds[kind] += await _round(stubs[kind], per_round, metadata[kind], this_round)
                 latencies[kind].extend(this_round)
-                round_p95[kind] = _quantile(sorted(this_round), 0.95)
+                round_p95[kind] = quantile(sorted(this_round), 0.95)
             paired_p95_diffs.append(round_p95["full"] - round_p95["bare"])
         gc.enable()
         for channel in channels.values():
@@ -230,8 +207,8 @@ async def _measure(calls: int, rounds: int, warmup: int, candidate: str = "full"
                     await asyncio.wait_for(proc.wait(), 10)
                 except TimeoutError:
                     proc.kill()
-    bare = _summary(latencies["bare"], seconds["bare"])
-    full = _summary(latencies["full"], seconds["full"])
+    bare = rpc_summary(latencies["bare"], seconds["bare"])
+    full = rpc_summary(latencies["full"], seconds["full"])
     ratio = full["throughput_rps"] / bare["throughput_rps"]
     # This machine's noise (shared cores) moves a pooled p95 by more than a millisecond
     # between two identical servers, so the target is judged on the paired estimate:
