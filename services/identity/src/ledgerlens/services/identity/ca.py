@@ -42,7 +42,7 @@ from ledgerlens.runtime.errors import (
     Unauthenticated,
 )
 
-from .ca_store import CaStore, IdentityRecord, IssuedRecord, StoredAttribute
+from .ca_store import Attribute, CaStore, IdentityRecord, IssuedRecord
 from .settings import Settings
 
 __all__ = [
@@ -340,15 +340,6 @@ def load_ca_material(settings: Settings) -> CaMaterial:
 
 
 @dataclass(frozen=True)
-class Attribute:
-    """An identity attribute; ``ecert`` ones go into certificates unless others are asked."""
-
-    name: str
-    value: str
-    ecert: bool = False
-
-
-@dataclass(frozen=True)
 class AttributeRequest:
     """Fabric CA's ``attr_reqs`` entry: a required (or optional) attribute by name."""
 
@@ -547,16 +538,12 @@ def _attrs_json(values: dict[str, str]) -> bytes:
     return json.dumps({"attrs": values}, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _to_attributes(stored: Sequence[StoredAttribute]) -> tuple[Attribute, ...]:
-    return tuple(Attribute(a.name, a.value, a.ecert) for a in stored)
-
-
 def _to_identity(record: IdentityRecord) -> EnrollmentIdentity:
     return EnrollmentIdentity(
         enrollment_id=record.enrollment_id,
         role=Role(record.role),
         affiliation=record.affiliation,
-        attributes=_to_attributes(record.attrs),
+        attributes=record.attrs,
         max_enrollments=record.max_enrollments,
         revoked=record.revoked_at is not None,
     )
@@ -636,7 +623,7 @@ class CertificateAuthority:
             secret_hash=secret_hash,
             role=checked_role.value,
             affiliation=affiliation,
-            attrs=[StoredAttribute(a.name, a.value, a.ecert) for a in attributes],
+            attrs=list(attributes),
             max_enrollments=max_enrollments,
             now=datetime.now(UTC),
         )

@@ -30,13 +30,13 @@ from ledgerlens.runtime.errors import AlreadyExists
 from .schema import Base
 
 __all__ = [
+    "Attribute",
     "CaCertificateRow",
     "CaCrlCounterRow",
     "CaIdentityRow",
     "CaStore",
     "IdentityRecord",
     "IssuedRecord",
-    "StoredAttribute",
 ]
 
 
@@ -103,10 +103,12 @@ def _utc_or_none(value: datetime | None) -> datetime | None:
 
 
 @dataclass(frozen=True)
-class StoredAttribute:
+class Attribute:
+    """An identity attribute; ``ecert`` ones go into certificates unless others are
+    asked for (Fabric CA's ``:ecert``)."""
+
     name: str
     value: str
-    #: put into enrollment certificates without being requested (Fabric CA's ``:ecert``).
     ecert: bool = False
 
 
@@ -116,7 +118,7 @@ class IdentityRecord:
     secret_hash: str | None
     role: str
     affiliation: str
-    attrs: tuple[StoredAttribute, ...]
+    attrs: tuple[Attribute, ...]
     max_enrollments: int | None
     enrollments: int
     revoked_at: datetime | None
@@ -131,8 +133,7 @@ class IdentityRecord:
             role=row.role,
             affiliation=row.affiliation,
             attrs=tuple(
-                StoredAttribute(str(a["name"]), str(a["value"]), bool(a.get("ecert", False)))
-                for a in raw
+                Attribute(str(a["name"]), str(a["value"]), bool(a.get("ecert", False))) for a in raw
             ),
             max_enrollments=row.max_enrollments,
             enrollments=row.enrollments,
@@ -187,7 +188,7 @@ class CaStore:
         secret_hash: str | None,
         role: str,
         affiliation: str,
-        attrs: Sequence[StoredAttribute],
+        attrs: Sequence[Attribute],
         max_enrollments: int | None,
         now: datetime,
     ) -> IdentityRecord:
