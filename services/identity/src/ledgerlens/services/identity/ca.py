@@ -200,6 +200,15 @@ class CaMaterial:
         except x509.ExtensionNotFound:
             return x509.SubjectKeyIdentifier.from_public_key(self.certificate.public_key()).digest
 
+    @property
+    def authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
+        """The AKI extension of everything this CA signs (certificates and CRLs)."""
+        return x509.AuthorityKeyIdentifier(
+            key_identifier=self.subject_key_identifier,
+            authority_cert_issuer=None,
+            authority_cert_serial_number=None,
+        )
+
 
 def _resolve(path: Path, names: Sequence[str]) -> Path:
     """A file, or the first of ``names`` inside a directory (a mounted Secret)."""
@@ -815,11 +824,7 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier(
-                    key_identifier=ca.subject_key_identifier,
-                    authority_cert_issuer=None,
-                    authority_cert_serial_number=None,
-                ),
+                ca.authority_key_identifier,
                 critical=False,
             )
         )
@@ -933,11 +938,7 @@ class CertificateAuthority:
             .next_update(next_update)
             .add_extension(x509.CRLNumber(number), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier(
-                    key_identifier=ca.subject_key_identifier,
-                    authority_cert_issuer=None,
-                    authority_cert_serial_number=None,
-                ),
+                ca.authority_key_identifier,
                 critical=False,
             )
         )
