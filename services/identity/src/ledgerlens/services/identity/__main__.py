@@ -10,6 +10,8 @@ key (every gRPC call needs a token, and a token needs a key).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 import typer
@@ -38,6 +40,20 @@ async def serve(settings: Settings) -> None:
     shutdown_tracing()
 
 
+@asynccontextmanager
+async def _offline_core() -> AsyncIterator[IdentityCore]:
+    """The domain on the configured (migrated) database, for the admin commands."""
+    settings = Settings()
+    await migrate(settings.database_url)
+    engine = create_engine(settings.database_url)
+    core = IdentityCore(settings, engine)
+    try:
+        yield core
+    finally:
+        await core.close()
+        await engine.dispose()
+
+
 @cli.command("serve")
 def serve_command() -> None:
     """Run the identity service (the default command)."""
@@ -56,16 +72,9 @@ def create_key(
     scopes = scope or ["admin", "keys:admin"]
 
     async def run() -> tuple[str, str]:
-        settings = Settings()
-        await migrate(settings.database_url)
-        engine = create_engine(settings.database_url)
-        core = IdentityCore(settings, engine)
-        try:
+        async with _offline_core() as core:
             record, secret = await core.create_key(tenant, name, scopes)
             return record.key_id, secret
-        finally:
-            await core.close()
-            await engine.dispose()
 
     key_id, secret = asyncio.run(run())
     out.print(f"client_id:     {key_id}\nclient_secret: {secret}", highlight=False)
@@ -82,17 +91,10 @@ def rotate_key(
         raise typer.BadParameter("algorithm must be ES256 or EdDSA")
 
     async def run() -> str:
-        settings = Settings()
-        await migrate(settings.database_url)
-        engine = create_engine(settings.database_url)
-        core = IdentityCore(settings, engine)
-        try:
+        async with _offline_core() as core:
             await core.start()
             result = await core.rotate(algorithm)  # type: ignore[arg-type]
             return f"active kid {result.kid} (previous {result.previous_kid})"
-        finally:
-            await core.close()
-            await engine.dispose()
 
     out.print(asyncio.run(run()), highlight=False)
 
