@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -189,3 +190,25 @@ async def test_public_rpc_and_health_need_no_token(
     health = health_pb2_grpc.HealthStub(channel)
     status = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_concurrent_calls_each_see_their_own_caller(
+    stub: identity_pb2_grpc.IdentityServiceAsyncStub, issuer: DevTokenIssuer
+) -> None:
+    # The call's state (metadata, principal) is bound when grpc.aio looks its handler
+    # up; interleaved calls of many callers must never see each other's.
+    callers = [(f"user{i}", f"tenant{i % 7}") for i in range(64)]
+    tokens = [
+        issuer.issue(subject, ["tokens:introspect"], tenant=tenant, audience="ledgerlens")
+        for subject, tenant in callers
+    ]
+
+    async def introspect(token: str) -> identity_pb2.IntrospectResponse:
+        reply: identity_pb2.IntrospectResponse = await stub.Introspect(
+            identity_pb2.IntrospectRequest(), metadata=_md(token), timeout=10
+        )
+        return reply
+
+    for _ in range(3):  # the first round verifies signatures, later ones reuse them
+        replies = await asyncio.gather(*(introspect(t) for t in tokens))
+        assert [(r.subject, r.tenant_id) for r in replies] == callers

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextvars
 import json
 import logging
 import time
@@ -32,6 +31,7 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from ledgerlens.runtime.calls import call_var
 from ledgerlens.runtime.errors import Unauthenticated, Unavailable
 from ledgerlens.runtime.settings import AuthSettings
 
@@ -40,7 +40,6 @@ __all__ = [
     "Principal",
     "TokenVerifier",
     "current_principal",
-    "principal_var",
 ]
 
 _log = logging.getLogger(__name__)
@@ -72,15 +71,10 @@ class Principal:
         return scope in self.scopes
 
 
-#: the caller of the RPC being served; the server interceptor sets it per call.
-principal_var: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
-    "ledgerlens_principal", default=None
-)
-
-
 def current_principal() -> Principal | None:
     """The caller of the RPC being served (``None`` for public RPCs or auth disabled)."""
-    return principal_var.get()
+    call = call_var.get()
+    return call.principal if call is not None else None
 
 
 class TokenVerifier:
@@ -159,7 +153,9 @@ class TokenVerifier:
         """
         cached = self._verified.get(token)
         if cached is not None:
-            if time.time() < cached.expires_at + self.leeway and not self._stale():
+            if time.time() < cached.expires_at + self.leeway and (
+                self.jwks_url is None or not self._stale()
+            ):
                 return cached
             self._verified.pop(token, None)
         return None

@@ -40,7 +40,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ledgerlens.options.v1 import auth_pb2
-from ledgerlens.runtime.auth import Principal, TokenVerifier, principal_var
+from ledgerlens.runtime.auth import Principal, TokenVerifier
+from ledgerlens.runtime.calls import CallInfo, call_var
 from ledgerlens.runtime.errors import (
     DomainError,
     PermissionDenied,
@@ -50,7 +51,7 @@ from ledgerlens.runtime.errors import (
     to_grpc_status,
 )
 from ledgerlens.runtime.metrics import RpcMetrics, rpc_metrics
-from ledgerlens.runtime.telemetry import extract_trace_context, rpc_method_var, tracing_exported
+from ledgerlens.runtime.telemetry import extract_trace_context, tracing_exported
 
 __all__ = [
     "HEALTH_PREFIX",
@@ -68,6 +69,7 @@ REFLECTION_PREFIXES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 _OK = grpc.StatusCode.OK
+_DRAIN_POLL_SECONDS = 0.005
 _CANCELLED = grpc.StatusCode.CANCELLED
 _INTERNAL = grpc.StatusCode.INTERNAL
 
@@ -130,6 +132,7 @@ class _Method:
         "histogram",
         "labels",
         "ok",
+        "scope_set",
         "span_attributes",
         "traced",
     )
@@ -150,6 +153,7 @@ class _Method:
         # None: no auth check; a policy: check it; deny: served but undeclared (fail closed)
         self.deny = policy is None and not exempt
         self.auth = None if policy is None or policy.public else policy
+        self.scope_set = frozenset(policy.scopes) if policy is not None else frozenset()
         self.span_attributes = {
             "rpc.system": "grpc",
             "rpc.service": service,
@@ -187,10 +191,11 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._metrics = metrics or rpc_metrics()
         self._tracer = tracer or trace.get_tracer("ledgerlens.runtime")
         self._wrapped: dict[str, Handler] = {}
+        self._methods: dict[str, _Method] = {}
         self._draining = False
+        # A plain counter, polled by wait_idle(): an asyncio.Event set and cleared as
+        # calls come and go cost more per call than the rest of the drain logic together.
         self._inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     # -- hooks -------------------------------------------------------------------------
 
@@ -202,6 +207,18 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         wrapped = self._wrapped.get(method)
         if wrapped is None:
             wrapped = self._wrapped[method] = self._wrap(method, handler)
+        return wrapped
+
+    def lookup(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        """The wrapped handler of a call, with the call's state bound for the wrapper.
+
+        The server's generic handler (see :mod:`ledgerlens.runtime.server`) calls this
+        in the call's own task, handing over the metadata grpc.aio built for the lookup.
+        """
+        method: str = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            call_var.set(_Call(self._methods[method], handler_call_details.invocation_metadata))
         return wrapped
 
     async def intercept_service(
@@ -217,6 +234,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
                 return handler
             wrapped = self.wrap(method, handler)
+        call_var.set(_Call(self._methods[method], handler_call_details.invocation_metadata))
         return wrapped
 
     # -- shutdown ------------------------------------------------------------------------
@@ -232,19 +250,18 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     async def wait_idle(self, seconds: float) -> bool:
         """Wait until no call is in flight; ``False`` if ``seconds`` passed first."""
-        if self._inflight == 0:
-            return True
-        try:
-            await asyncio.wait_for(self._idle.wait(), seconds)
-        except TimeoutError:
-            return False
+        deadline = time.monotonic() + seconds
+        while self._inflight > 0:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_DRAIN_POLL_SECONDS)
         return True
 
     # -- wrapping ------------------------------------------------------------------------
 
     def _wrap(self, full: str, handler: Handler) -> Handler:
         exempt = full.startswith(HEALTH_PREFIX) or full.startswith(REFLECTION_PREFIXES)
-        m = _Method(full, self._policies.get(full), exempt, self._metrics)
+        m = self._methods[full] = _Method(full, self._policies.get(full), exempt, self._metrics)
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
@@ -269,7 +286,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _coroutine(self, m: _Method, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            call = _Call(m)
+            call = self._call(m)
             try:
                 token = self._begin(call, context)
                 if token is not None:
@@ -290,7 +307,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         async def run(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            call = _Call(m)
+            call = self._call(m)
             try:
                 token = self._begin(call, context)
                 if token is not None:
@@ -307,6 +324,18 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     # -- per call ------------------------------------------------------------------------
 
+    @staticmethod
+    def _call(m: _Method) -> _Call:
+        """The call's state bound at lookup, or a new one (a handler run another way)."""
+        call = call_var.get()
+        if type(call) is _Call and call.m is m and not call.started:
+            call.started = True
+            return call
+        call = _Call(m, None)
+        call.started = True
+        call.var_token = call_var.set(call)
+        return call
+
     def _begin(self, call: _Call, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
         """Open the call's span and contexts, then admit it (or raise a DomainError).
 
@@ -314,13 +343,12 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         (``bench/runtime_overhead.py``): a token seen before is admitted here; a new one
         is returned for :meth:`_authenticate` to verify (which may fetch the JWKS).
         """
-        m = call.method
+        m = call.m
         if m.drains:
-            call.counted = True
-            if self._inflight == 0:
-                self._idle.clear()
             self._inflight += 1
-        metadata: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()  # type: ignore[assignment]
+        metadata = call.metadata
+        if metadata is None:  # not bound at lookup: ask the context (slower)
+            metadata = call.metadata = tuple(context.invocation_metadata() or ())
         # one pass over the metadata for what this wrapper needs
         authorization: str | None = None
         has_trace = False
@@ -340,24 +368,27 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 # Tracing off (the default): no span, which would be dropped anyway, but
                 # the caller's trace still flows on to logs, outgoing calls and events.
                 call.otel_token = otel_context.attach(parent)
-        call.method_token = rpc_method_var.set(m.full)
         if self._draining and m.drains:
             raise Unavailable("server is shutting down", retry_after=1.0)
         if m.deny:
             raise PermissionDenied(f"{m.full} declares no auth policy", reason="NO_AUTH_POLICY")
-        if m.auth is not None and self._verifier is not None:
-            token = _bearer(authorization)
-            principal = self._verifier.remembered(token)
+        if m.auth is not None and (verifier := self._verifier) is not None:
+            principal = None
+            if authorization is not None and authorization[:7] == "Bearer ":
+                # the usual form: a token seen before is admitted without parsing more
+                principal = verifier.remembered(authorization[7:])
             if principal is None:
-                return token
-            self._admit(call, m.auth, principal)
+                return _bearer(authorization)
+            if not m.scope_set <= principal.scopes:
+                self._admit(call, m.auth, principal)  # raises, naming the missing scope
+            call.principal = principal
         return None
 
     async def _authenticate(self, call: _Call, token: str) -> None:
         """Verify a token not seen before, then admit the call."""
         assert self._verifier is not None
-        assert call.method.auth is not None
-        self._admit(call, call.method.auth, await self._verifier.verify(token))
+        assert call.m.auth is not None
+        self._admit(call, call.m.auth, await self._verifier.verify(token))
 
     @staticmethod
     def _admit(call: _Call, policy: MethodPolicy, principal: Principal) -> None:
@@ -368,7 +399,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     reason="SCOPE_MISSING",
                     metadata={"scope": scope},
                 )
-        call.principal_token = principal_var.set(principal)
+        call.principal = principal
 
     async def _fail(
         self, call: _Call, exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]
@@ -391,7 +422,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         # The one place an unexpected exception is caught: it is logged with its
         # traceback and reported as a generic INTERNAL, so no internals leak.
         call.code = _INTERNAL
-        _log.error("unhandled exception in %s", call.method.full, exc_info=exc)
+        _log.error("unhandled exception in %s", call.m.full, exc_info=exc)
         self._record(call, context)
         status = internal_status()
         await context.abort(status.code, status.details, status.trailing_metadata)
@@ -401,8 +432,12 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         call.recorded = True
         code = call.code
         if code is None:
-            code = _code_of(context) or _OK
-        call.method.observe(code, time.perf_counter() - call.start)
+            code = context.code()  # set by a servicer that returned without raising
+            if code is None:
+                code = _OK
+            elif not isinstance(code, grpc.StatusCode):
+                code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+        call.m.observe(code, time.perf_counter() - call.start)
         span = call.span
         if span is not None:
             if code is not _OK:
@@ -410,18 +445,14 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 if code in _SERVER_FAULTS:
                     span.set_status(Status(StatusCode.ERROR, code.name))
             span.end()
-        if call.counted:
+        if call.m.drains:
             self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
 
     def _end(self, call: _Call, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if not call.recorded:
             self._record(call, context)
-        if call.principal_token is not None:
-            principal_var.reset(call.principal_token)
-        if call.method_token is not None:
-            rpc_method_var.reset(call.method_token)
+        if call.var_token is not None:
+            call_var.reset(call.var_token)
         if call.otel_token is not None:
             otel_context.detach(call.otel_token)
 
@@ -439,31 +470,31 @@ _SERVER_FAULTS = frozenset(
 )
 
 
-class _Call:
+class _Call(CallInfo):
     """Per-call state (slots: cheaper than a dict or a dataclass)."""
 
     __slots__ = (
         "code",
-        "counted",
-        "method",
-        "method_token",
+        "m",
         "otel_token",
-        "principal_token",
         "recorded",
         "span",
         "start",
+        "started",
+        "var_token",
     )
 
-    def __init__(self, method: _Method) -> None:
-        self.method = method
+    def __init__(self, method: _Method, metadata: Sequence[tuple[str, Any]] | None) -> None:
+        super().__init__(method.full, metadata)
+        self.m = method
         self.start = time.perf_counter()
+        self.started = False
         self.code: grpc.StatusCode | None = None
-        self.counted = False
         self.recorded = False
         self.span: trace.Span | None = None
         self.otel_token: Any = None
-        self.method_token: Any = None
-        self.principal_token: Any = None
+        #: set when this wrapper (not the lookup) bound the call: reset at the end
+        self.var_token: Any = None
 
 
 def _bearer(authorization: str | None) -> str:

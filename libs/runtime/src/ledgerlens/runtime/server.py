@@ -102,26 +102,57 @@ _Wrap = Callable[[str, "grpc.RpcMethodHandler[Any, Any]"], "grpc.RpcMethodHandle
 class _WrappingRegistrar:
     """Stands in for the grpc.aio server while generated ``add_*_to_server`` functions
     register their handlers, so every handler is wrapped by the runtime once, up front,
-    instead of by a grpc.aio interceptor on every call (see ``interceptors``)."""
+    instead of by a grpc.aio interceptor on every call (see ``interceptors``).
 
-    def __init__(self, server: grpc.aio.Server, wrap: _Wrap) -> None:
+    grpc.aio (1.71) ignores ``add_registered_method_handlers`` and finds every call's
+    handler through the generic handlers. So the services that register their handlers
+    are served by one generic handler, :meth:`RuntimeInterceptor.lookup`, which also
+    hands the call's metadata (built by grpc.aio for the lookup) to the wrapper.
+    :meth:`finish` hands the result to the server.
+    """
+
+    def __init__(self, server: grpc.aio.Server, interceptor: RuntimeInterceptor) -> None:
         self._server = server
-        self._wrap = wrap
+        self._interceptor = interceptor
+        self._generic: list[grpc.GenericRpcHandler[Any, Any]] = []
+        self._registered: set[str] = set()
 
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
+        wrap = self._interceptor.wrap
+        wrapped = {name: wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
+        self._registered.add(service)
         # grpc-stubs predates add_registered_method_handlers (grpcio >= 1.63)
-        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
-            service, {name: self._wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
-        )
+        self._server.add_registered_method_handlers(service, wrapped)  # type: ignore[attr-defined]
 
     def add_generic_rpc_handlers(
         self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]
     ) -> None:
-        self._server.add_generic_rpc_handlers(
-            tuple(_WrappedGenericHandler(h, self._wrap) for h in handlers)
-        )
+        self._generic.extend(handlers)
+
+    def finish(self) -> None:
+        """Register the runtime's lookup first, then generic handlers of other services."""
+        handlers: list[grpc.GenericRpcHandler[Any, Any]] = [_RuntimeLookup(self._interceptor)]
+        for handler in self._generic:
+            name = handler.service_name() if isinstance(handler, grpc.ServiceRpcHandler) else None
+            if name not in self._registered:
+                handlers.append(_WrappedGenericHandler(handler, self._interceptor.wrap))
+        self._server.add_generic_rpc_handlers(tuple(handlers))
+        self._generic.clear()
+
+
+class _RuntimeLookup(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """The runtime's handler lookup as a generic handler, without a layer of its own."""
+
+    def __init__(self, interceptor: RuntimeInterceptor) -> None:
+        # grpc.aio calls .service() per call: the bound method itself, not a delegate
+        self.service = interceptor.lookup  # type: ignore[method-assign]
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:  # pragma: no cover (shadowed in __init__)
+        raise NotImplementedError
 
 
 class _WrappedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
@@ -164,18 +195,20 @@ class ServiceServer:
             tracer=tracer,
         )
         self.server = grpc.aio.server(options=server_options(settings))
-        registrar: Any = _WrappingRegistrar(self.server, self.interceptor.wrap)
+        registrar = _WrappingRegistrar(self.server, self.interceptor)
+        target: Any = registrar  # stands in for the server in generated add_* functions
         for registration in registrations:
-            registration.add_to_server(registration.servicer, registrar)
+            registration.add_to_server(registration.servicer, target)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, target)
         self.service_names = [d.full_name for d in descriptors]
         # enable_server_reflection() picks its asyncio servicer only for a real grpc.aio
         # server, so the asyncio one is registered through the registrar directly
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             ReflectionServicer([*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]),
-            registrar,
+            target,
         )
+        registrar.finish()
         self.bound_port: int = self.server.add_insecure_port(
             f"{settings.host}:{settings.grpc_port}"
         )

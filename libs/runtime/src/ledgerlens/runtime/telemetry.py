@@ -18,7 +18,6 @@ Context crosses gRPC metadata with :func:`inject_trace_metadata` (clients) and
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import re
 import sys
@@ -47,6 +46,7 @@ from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 from pythonjsonlogger.json import JsonFormatter
 
+from ledgerlens.runtime.calls import call_var
 from ledgerlens.runtime.settings import ServiceSettings
 
 __all__ = [
@@ -55,14 +55,9 @@ __all__ = [
     "configure_tracing",
     "extract_trace_context",
     "inject_trace_metadata",
-    "rpc_method_var",
     "tracing_exported",
 ]
 
-#: the RPC being served (``/pkg.Service/Method``), bound by the server interceptor.
-rpc_method_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "ledgerlens_rpc_method", default=None
-)
 
 _provider: TracerProvider | None = None
 
@@ -253,9 +248,9 @@ class _ContextFilter(logging.Filter):
             record.span_id = format(ctx.span_id, "016x")
         else:
             record.trace_id = record.span_id = None
-        method = rpc_method_var.get()
-        if method is not None:
-            record.rpc_method = method
+        call = call_var.get()
+        if call is not None:
+            record.rpc_method = call.method
         return True
 
 
