@@ -275,6 +275,10 @@ def service_env(
     for peer, (peer_grpc, peer_http) in peers.items():
         env[f"LEDGERLENS_DEVSTACK_{peer.upper()}_GRPC_TARGET"] = f"{HOST}:{peer_grpc}"
         env[f"LEDGERLENS_DEVSTACK_{peer.upper()}_HTTP_URL"] = f"http://{HOST}:{peer_http}"
+    if "identity" in peers and entry.name != "identity":
+        # every service verifies the tokens identity issues, against its JWKS
+        identity_http = peers["identity"][1]
+        env[f"{prefix}AUTH__JWKS_URL"] = f"http://{HOST}:{identity_http}/.well-known/jwks.json"
     env.update(entry.env)
     return env
 
