@@ -21,13 +21,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 WORKER = Path(__file__).with_name("_outbox_crash_worker.py")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest) -> str:
-    fixture = "sqlite_url" if request.param == "sqlite" else "pg_schema_url"
-    url: str = request.getfixturevalue(fixture)
-    return url
-
-
 async def _run_until(
     mode: str, expected: str, database_url: str, nats_url: str, subject: str, doc_id: str
 ) -> None:

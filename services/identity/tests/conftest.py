@@ -12,7 +12,6 @@ import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledgerlens.runtime.db import create_engine
-from ledgerlens.runtime.testing import PgDatabase
 from ledgerlens.services.identity.migrate import migrate
 from ledgerlens.services.identity.service import IdentityCore
 from ledgerlens.services.identity.settings import Settings
@@ -40,16 +39,6 @@ class FakeSleep:
 
     async def __call__(self, seconds: float) -> None:
         self.calls.append(seconds)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest) -> str:
-    """A fresh database: a SQLite file, or a PostgreSQL schema of this test."""
-    if request.param == "sqlite":
-        url: str = request.getfixturevalue("sqlite_url")
-        return url
-    pg: PgDatabase = request.getfixturevalue("pg_database")
-    return pg.url
 
 
 @pytest_asyncio.fixture

@@ -16,7 +16,7 @@ from _ingestion_support import CORPUS_ENV, Harness, find_corpus
 from ledgerlens.embedding.testing import CachingEmbedder
 from ledgerlens.ingestion.v1 import ingestion_pb2_grpc
 from ledgerlens.runtime.auth import DevTokenIssuer
-from ledgerlens.runtime.testing import EventNames, PgDatabase
+from ledgerlens.runtime.testing import EventNames
 from ledgerlens.services.ingestion.app import ANCHOR_CONSUMER, run_ingestion
 from ledgerlens.services.ingestion.settings import Settings
 
@@ -34,16 +34,6 @@ def corpus_dir() -> Path:
 @pytest.fixture(scope="session")
 def eip_files(corpus_dir: Path) -> list[Path]:
     return sorted(p for p in corpus_dir.glob("eip-*.md"))
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest) -> str:
-    """A fresh database: a SQLite file, or a PostgreSQL schema of this test."""
-    if request.param == "sqlite":
-        url: str = request.getfixturevalue("sqlite_url")
-        return url
-    pg: PgDatabase = request.getfixturevalue("pg_database")
-    return pg.url
 
 
 @pytest.fixture(scope="session")

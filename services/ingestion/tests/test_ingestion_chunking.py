@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import os
 import time
 from pathlib import Path
 
@@ -38,31 +37,15 @@ class MiniLMTokenizer:
         return [len(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
-def corpus_dir() -> Path:
-    """The EIP corpus: $LEDGERLENS_CORPUS_DIR, else ../shared/corpus/eips beside the repo."""
-    env = os.environ.get("LEDGERLENS_CORPUS_DIR")
-    path = (
-        Path(env)
-        if env
-        else Path(__file__).resolve().parents[3] / ".." / "shared" / "corpus" / "eips"
-    )
-    if not path.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"EIP corpus not found at {path} (set LEDGERLENS_CORPUS_DIR)")
-        pytest.skip(f"EIP corpus not found at {path} (set LEDGERLENS_CORPUS_DIR)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def tokenizer() -> MiniLMTokenizer:
     return MiniLMTokenizer()
 
 
 @pytest.fixture(scope="module")
-def corpus() -> list[ParsedDocument]:
+def corpus(corpus_dir: Path) -> list[ParsedDocument]:
     return [
-        parse(p.read_bytes(), "text/markdown", p.as_uri())
-        for p in sorted(corpus_dir().glob("*.md"))
+        parse(p.read_bytes(), "text/markdown", p.as_uri()) for p in sorted(corpus_dir.glob("*.md"))
     ]
 
 
@@ -142,8 +125,8 @@ def test_whole_corpus(
     assert overlapping > 0
 
 
-def test_deterministic(tokenizer: MiniLMTokenizer) -> None:
-    for path in sorted(corpus_dir().glob("eip-*.md"))[::50]:
+def test_deterministic(tokenizer: MiniLMTokenizer, corpus_dir: Path) -> None:
+    for path in sorted(corpus_dir.glob("eip-*.md"))[::50]:
         doc = parse(path.read_bytes(), "text/markdown", path.as_uri())
         first = chunk(doc, tokenizer, max_tokens=128, overlap_tokens=16, title="T")
         assert first == chunk(doc, tokenizer, max_tokens=128, overlap_tokens=16, title="T")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from pathlib import Path
 
 import pypdf
@@ -13,21 +12,6 @@ import pytest
 from ledgerlens.runtime.errors import InvalidArgument
 from ledgerlens.services.ingestion.documents import BlockKind, ParsedDocument, parse
 from ledgerlens.services.ingestion.metadata import DocType
-
-
-def corpus_dir() -> Path:
-    """The EIP corpus: $LEDGERLENS_CORPUS_DIR, else ../shared/corpus/eips beside the repo."""
-    env = os.environ.get("LEDGERLENS_CORPUS_DIR")
-    path = (
-        Path(env)
-        if env
-        else Path(__file__).resolve().parents[3] / ".." / "shared" / "corpus" / "eips"
-    )
-    if not path.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"EIP corpus not found at {path} (set LEDGERLENS_CORPUS_DIR)")
-        pytest.skip(f"EIP corpus not found at {path} (set LEDGERLENS_CORPUS_DIR)")
-    return path
 
 
 def make_pdf(pages: list[list[str]], *, title: str = "") -> bytes:
@@ -116,8 +100,8 @@ def assert_blocks_cover_body(doc: ParsedDocument) -> None:
 
 
 @pytest.mark.slow
-def test_every_corpus_file_parses_to_itself() -> None:
-    files = sorted(corpus_dir().glob("*.md"))
+def test_every_corpus_file_parses_to_itself(corpus_dir: Path) -> None:
+    files = sorted(corpus_dir.glob("*.md"))
     assert len(files) >= 900
     for path in files:
         raw = path.read_bytes()
@@ -135,8 +119,8 @@ def test_every_corpus_file_parses_to_itself() -> None:
             assert all(b.start >= doc.body_start for b in doc.blocks)
 
 
-def test_eip_1559_structure() -> None:
-    doc = parse((corpus_dir() / "eip-1559.md").read_bytes(), "text/markdown", "file:///eip-1559")
+def test_eip_1559_structure(corpus_dir: Path) -> None:
+    doc = parse((corpus_dir / "eip-1559.md").read_bytes(), "text/markdown", "file:///eip-1559")
     headings = [b.title for b in doc.blocks if b.kind is BlockKind.HEADING]
     assert headings[:4] == ["Simple Summary", "Abstract", "Motivation", "Specification"]
     assert any(b.kind is BlockKind.CODE for b in doc.blocks)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
@@ -22,21 +21,6 @@ from ledgerlens.services.ingestion.metadata import (
 )
 
 CHECKSUMMED = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"  # the EIP-55 test vector
-
-
-def corpus_dir() -> Path:
-    """The EIP corpus: $LEDGERLENS_CORPUS_DIR, else ../shared/corpus/eips beside the repo."""
-    env = os.environ.get("LEDGERLENS_CORPUS_DIR")
-    path = (
-        Path(env)
-        if env
-        else Path(__file__).resolve().parents[3] / ".." / "shared" / "corpus" / "eips"
-    )
-    if not path.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"EIP corpus not found at {path} (set LEDGERLENS_CORPUS_DIR)")
-        pytest.skip(f"EIP corpus not found at {path} (set LEDGERLENS_CORPUS_DIR)")
-    return path
 
 
 def front_matter_of(path: Path) -> dict[str, object]:
@@ -59,8 +43,8 @@ def violation(exc: pytest.ExceptionInfo[InvalidArgument]) -> str:
 # -- the corpus ---------------------------------------------------------------------
 
 
-def test_every_eip_front_matter_maps_and_validates() -> None:
-    files = sorted(corpus_dir().glob("eip-*.md"))
+def test_every_eip_front_matter_maps_and_validates(corpus_dir: Path) -> None:
+    files = sorted(corpus_dir.glob("eip-*.md"))
     assert len(files) >= 900
     for path in files:
         fm = front_matter_of(path)
@@ -90,8 +74,8 @@ def test_every_eip_front_matter_maps_and_validates() -> None:
             assert _commas(",".join(md.authors)) == _commas(str(fm["author"])), path
 
 
-def test_eip_1559_maps_as_expected() -> None:
-    md = from_front_matter(front_matter_of(corpus_dir() / "eip-1559.md"))
+def test_eip_1559_maps_as_expected(corpus_dir: Path) -> None:
+    md = from_front_matter(front_matter_of(corpus_dir / "eip-1559.md"))
     assert md.title == "Fee market change for ETH 1.0 chain"
     assert md.authors[0] == "Vitalik Buterin (@vbuterin)"
     assert len(md.authors) == 6

@@ -21,8 +21,10 @@ __all__ = [
     "CREDENTIALS_FILE",
     "DEFAULT_IDENTITY_TARGET",
     "DEFAULT_IDENTITY_URL",
+    "DEFAULT_INGESTION_TARGET",
     "IDENTITY_TARGET_ENV",
     "IDENTITY_URL_ENV",
+    "INGESTION_TARGET_ENV",
     "REFRESH_MARGIN_SECONDS",
     "CliConfig",
     "CliError",
@@ -33,9 +35,11 @@ __all__ = [
 
 IDENTITY_TARGET_ENV = "LEDGERLENS_IDENTITY_TARGET"
 IDENTITY_URL_ENV = "LEDGERLENS_IDENTITY_URL"
+INGESTION_TARGET_ENV = "LEDGERLENS_INGESTION_TARGET"
 CONFIG_DIR_ENV = "LEDGERLENS_CONFIG_DIR"
 DEFAULT_IDENTITY_TARGET = "127.0.0.1:50051"
 DEFAULT_IDENTITY_URL = "http://127.0.0.1:8081"
+DEFAULT_INGESTION_TARGET = "127.0.0.1:50052"
 CREDENTIALS_FILE = "credentials.json"
 #: a cached token this close to its expiry (seconds) is replaced before it is used,
 #: so it cannot expire between being read here and being checked by a service.
@@ -58,6 +62,7 @@ class CliConfig:
 
     identity_target: str = DEFAULT_IDENTITY_TARGET
     identity_url: str = DEFAULT_IDENTITY_URL
+    ingestion_target: str = DEFAULT_INGESTION_TARGET
     config_dir: Path = field(default_factory=default_config_dir)
     timeout_seconds: float = 10.0
 

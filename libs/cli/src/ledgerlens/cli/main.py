@@ -7,13 +7,15 @@ from typing import Annotated
 
 import typer
 
-from ledgerlens.cli import identity
+from ledgerlens.cli import identity, ingest
 from ledgerlens.cli.config import (
     CONFIG_DIR_ENV,
     DEFAULT_IDENTITY_TARGET,
     DEFAULT_IDENTITY_URL,
+    DEFAULT_INGESTION_TARGET,
     IDENTITY_TARGET_ENV,
     IDENTITY_URL_ENV,
+    INGESTION_TARGET_ENV,
     CliConfig,
     default_config_dir,
 )
@@ -49,6 +51,14 @@ def main(
             help="The identity service's HTTP base URL (JWKS, OAuth2, health).",
         ),
     ] = DEFAULT_IDENTITY_URL,
+    ingestion_target: Annotated[
+        str,
+        typer.Option(
+            "--ingestion",
+            envvar=INGESTION_TARGET_ENV,
+            help="The ingestion service's gRPC address (host:port).",
+        ),
+    ] = DEFAULT_INGESTION_TARGET,
     config_dir: Annotated[
         Path | None,
         typer.Option(
@@ -64,12 +74,14 @@ def main(
     ctx.obj = CliConfig(
         identity_target=identity_target,
         identity_url=identity_url.rstrip("/"),
+        ingestion_target=ingestion_target,
         config_dir=config_dir if config_dir is not None else default_config_dir(),
         timeout_seconds=timeout,
     )
 
 
 identity.register(app)
+ingest.register(app)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ __all__ = [
     "PgDatabase",
     "PrivateNatsServer",
     "RedisDatabase",
+    "database_url",
     "event_bus",
     "event_names",
     "eventually",
@@ -578,6 +579,15 @@ def pg_schema_url(pg_database: PgDatabase) -> str:
 def sqlite_url(tmp_path: Path) -> str:
     """A SQLite database file of this test (``sqlite+aiosqlite:///…``)."""
     return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """A fresh database of this test, on each engine a service supports: the test runs
+    once on a SQLite file and once in a PostgreSQL schema of its own."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "pg_schema_url"
+    url: str = request.getfixturevalue(fixture)
+    return url
 
 
 # -- per-test isolation: Redis ---------------------------------------------------------
