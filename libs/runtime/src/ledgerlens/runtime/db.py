@@ -40,7 +40,8 @@ NAMING_CONVENTION: dict[str, str] = {
 }
 
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_SQLITE_BUSY_TIMEOUT_MS = 5000
+# how long a SQLite writer waits for another one (a bulk ingest queues many writers)
+_SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
 def new_metadata() -> MetaData:

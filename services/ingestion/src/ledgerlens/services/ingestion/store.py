@@ -7,16 +7,19 @@ will be published, whatever crashes in between.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf.message import Message
 from sqlalchemy import and_, delete, exists, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ledgerlens.runtime.db import session_factory
+from ledgerlens.runtime.errors import Unavailable
 from ledgerlens.runtime.outbox import OutboxRelay, add_to_outbox
 from ledgerlens.services.ingestion.convert import metadata_from_json, metadata_to_json
 from ledgerlens.services.ingestion.metadata import Metadata
@@ -94,6 +97,23 @@ class Store:
         self._engine = engine
         self._sessions = session_factory(engine)
         self._relay = relay
+        # SQLite has one writer at a time: concurrent ingests queue here, in order,
+        # instead of polling SQLite's lock (whose busy timeout a long queue outlasts).
+        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction; storage that stays unavailable is UNAVAILABLE (retryable)."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._write_lock is not None:
+                await stack.enter_async_context(self._write_lock)
+            try:
+                async with self._sessions.begin() as session:
+                    yield session
+            except OperationalError as exc:
+                raise Unavailable(
+                    "the document store is unavailable; retry", retry_after=1.0
+                ) from exc
 
     # -- ingest ---------------------------------------------------------------------------
 
@@ -140,7 +160,7 @@ class Store:
     async def remember(self, idempotency: Idempotency, result: IngestResult) -> None:
         """Remember the result of an ingest that wrote nothing else (unchanged)."""
         try:
-            async with self._sessions.begin() as session:
+            async with self._writing() as session:
                 self._add_idempotency(session, idempotency, result)
         except IntegrityError:
             pass  # a concurrent retry with the same key remembered it first
@@ -156,7 +176,7 @@ class Store:
         and ``events``, in one transaction. Raises :class:`VersionConflict` if the
         source's latest version is no longer ``new.version - 1``."""
         try:
-            async with self._sessions.begin() as session:
+            async with self._writing() as session:
                 await self._write_version(session, new)
                 for event in events:
                     await add_to_outbox(
@@ -375,7 +395,7 @@ class Store:
         """Delete every version and chunk (the document row stays as a tombstone) and
         write ``event(latest_version, versions, source_url)``; the deleted versions, or
         None for an unknown or already deleted document."""
-        async with self._sessions.begin() as session:
+        async with self._writing() as session:
             document = await session.get(DocumentRow, document_id, with_for_update=True)
             if document is None or document.deleted_at is not None:
                 return None
@@ -409,7 +429,7 @@ class Store:
         self, document_id: str, version: int, sha256: str, anchor: Anchor
     ) -> bool:
         """Record the anchor of a stored version with this checksum; False if none."""
-        async with self._sessions.begin() as session:
+        async with self._writing() as session:
             result = await session.execute(
                 update(VersionRow)
                 .where(
