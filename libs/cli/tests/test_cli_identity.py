@@ -27,8 +27,7 @@ from typer.testing import CliRunner, Result
 from ledgerlens.cli.main import app
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
 from ledgerlens.runtime.net import free_port
-from ledgerlens.services.identity.app import RunningIdentity, run_identity
-from ledgerlens.services.identity.settings import Settings
+from ledgerlens.services.identity.app import RunningIdentity
 
 pytestmark = pytest.mark.integration
 
@@ -55,22 +54,6 @@ class Cli:
     def cached(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.credentials_file.read_text())
         return data
-
-
-@pytest.fixture
-async def identity(
-    sqlite_url: str, nats_url: str, tmp_path: Path
-) -> AsyncIterator[RunningIdentity]:
-    settings = Settings(
-        database_url=sqlite_url,
-        nats_url=nats_url,
-        grpc_port=0,
-        http_port=0,
-        data_dir=str(tmp_path / "data"),
-        shutdown_grace_seconds=1,
-    )
-    async with run_identity(settings) as running:
-        yield running
 
 
 @pytest.fixture

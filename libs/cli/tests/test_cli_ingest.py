@@ -24,8 +24,7 @@ from ledgerlens.embedding.testing import CachingEmbedder
 from ledgerlens.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 from ledgerlens.runtime.net import free_port
 from ledgerlens.runtime.testing import EventNames
-from ledgerlens.services.identity.app import RunningIdentity, run_identity
-from ledgerlens.services.identity.settings import Settings as IdentitySettings
+from ledgerlens.services.identity.app import RunningIdentity
 from ledgerlens.services.ingestion.app import ANCHOR_CONSUMER, RunningIngestion, run_ingestion
 from ledgerlens.services.ingestion.settings import Settings as IngestionSettings
 
@@ -90,22 +89,6 @@ def _env(config_dir: Path, identity: str, ingestion: str) -> dict[str, str]:
         "LEDGERLENS_CLIENT_SECRET": "",  # never the environment's, if any
         "COLUMNS": "250",  # whole paths and messages in the tables
     }
-
-
-@pytest.fixture
-async def identity(
-    sqlite_url: str, nats_url: str, tmp_path: Path
-) -> AsyncIterator[RunningIdentity]:
-    settings = IdentitySettings(
-        database_url=sqlite_url,
-        nats_url=nats_url,
-        grpc_port=0,
-        http_port=0,
-        data_dir=str(tmp_path / "identity-data"),
-        shutdown_grace_seconds=1,
-    )
-    async with run_identity(settings) as running:
-        yield running
 
 
 @pytest.fixture
