@@ -76,8 +76,13 @@ async def start_ingestion(
     event namespace (it may be started again on the same database)."""
     from contextlib import asynccontextmanager
 
+    # outlives the longest test (the corpus test embeds for minutes before its last call)
     token = token_issuer.issue(
-        "tester", ["ingest:write", "ingest:read"], tenant="acme", audience="ledgerlens"
+        "tester",
+        ["ingest:write", "ingest:read"],
+        tenant="acme",
+        audience="ledgerlens",
+        ttl=4 * 3600,
     )
 
     @asynccontextmanager

@@ -72,7 +72,10 @@ async def test_sigkill_mid_bulk_ingest_loses_and_duplicates_nothing(
 ) -> None:
     issuer = DevTokenIssuer()
     metadata = (
-        ("authorization", f"Bearer {issuer.issue('bulk', ['ingest:write', 'ingest:read'])}"),
+        (
+            "authorization",
+            f"Bearer {issuer.issue('bulk', ['ingest:write', 'ingest:read'], ttl=3600)}",
+        ),
     )
     env = {
         **os.environ,
