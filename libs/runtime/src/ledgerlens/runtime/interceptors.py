@@ -431,12 +431,8 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """Observe the duration, end the span and leave the in-flight count (once)."""
         call.recorded = True
         code = call.code
-        if code is None:
-            code = context.code()  # set by a servicer that returned without raising
-            if code is None:
-                code = _OK
-            elif not isinstance(code, grpc.StatusCode):
-                code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+        if code is None:  # a servicer may have set one and returned without raising
+            code = _code_of(context) or _OK
         call.m.observe(code, time.perf_counter() - call.start)
         span = call.span
         if span is not None:

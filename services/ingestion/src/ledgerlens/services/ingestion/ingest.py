@@ -106,7 +106,7 @@ class Ingestor:
             remembered = await self.store.idempotent_result(request.tenant, request.idempotency_key)
             if remembered is not None:
                 return self._replay(idempotency, *remembered)
-        prepared = await asyncio.to_thread(self._prepare, request)
+        prepared = await asyncio.to_thread(prepare, request)  # CPU work, off the loop
         for _ in range(_MAX_CONFLICT_RETRIES):
             try:
                 return await self._store_version(request, prepared, idempotency)
@@ -135,7 +135,12 @@ class Ingestor:
         if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
             raise InvalidArgument(
                 "idempotency_key is too long",
-                [("idempotency_key", f"{len(key)} characters, at most 128")],
+                [
+                    (
+                        "idempotency_key",
+                        f"{len(key)} characters, at most {MAX_IDEMPOTENCY_KEY_CHARS}",
+                    )
+                ],
             )
         size = len(request.content)
         if size == 0:
@@ -161,9 +166,6 @@ class Ingestor:
                 reason="IDEMPOTENCY_KEY_REUSED",
             )
         return result
-
-    def _prepare(self, request: IngestRequest) -> Prepared:
-        return prepare(request)
 
     def _chunk(self, prepared: Prepared) -> list[Chunk]:
         return chunk_prepared(

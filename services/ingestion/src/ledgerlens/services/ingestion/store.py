@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf.message import Message
-from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy import and_, delete, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -371,17 +371,6 @@ class Store:
             )
             for r in rows
         ]
-
-    async def count_documents(self) -> int:
-        async with self._sessions() as session:
-            return int(
-                await session.scalar(
-                    select(func.count())
-                    .select_from(DocumentRow)
-                    .where(DocumentRow.deleted_at.is_(None))
-                )
-                or 0
-            )
 
     # -- deletion and anchors -------------------------------------------------------------
 
