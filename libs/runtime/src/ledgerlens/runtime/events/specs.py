@@ -233,6 +233,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     _consumer("retrieval", "INGESTION", Subjects.INGESTION_CHUNKS_EMBEDDED),
     _consumer("retrieval", "INGESTION", Subjects.INGESTION_DOCUMENT_DELETED),
     _consumer("retrieval", "INGESTION", Subjects.INGESTION_VERSION_RETIRED),
+    _consumer("retrieval", "LEDGER", Subjects.LEDGER_ANCHOR_COMMITTED),
     _consumer("inference", "IDENTITY", Subjects.IDENTITY_KEY_REVOKED),
     _consumer("ledger", "INGESTION", Subjects.INGESTION_DOCUMENT_INGESTED),
     _consumer("ledger", "INFERENCE", Subjects.INFERENCE_COMPLETION_RECORDED),

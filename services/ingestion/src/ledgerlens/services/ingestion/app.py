@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from ledgerlens.embedding import Embedder, create_embedder
+from ledgerlens.embedding.batching import EmbeddingQueue
 from ledgerlens.events.v1 import events_pb2
 from ledgerlens.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 from ledgerlens.runtime import metrics
@@ -33,7 +34,6 @@ from ledgerlens.runtime.ops import build_ops_app, mark_draining, serve_ops_app
 from ledgerlens.runtime.outbox import OutboxRelay
 from ledgerlens.runtime.server import ServiceServer, build_server
 from ledgerlens.services.ingestion.api import IngestionApi
-from ledgerlens.services.ingestion.batching import EmbeddingQueue
 from ledgerlens.services.ingestion.events import AnchorHandler, same_subject
 from ledgerlens.services.ingestion.ingest import IngestLimits, Ingestor
 from ledgerlens.services.ingestion.migrate import migrate

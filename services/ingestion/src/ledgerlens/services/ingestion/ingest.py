@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from ledgerlens.embedding import Embedder, EmbeddingError, Tokenizer
+from ledgerlens.embedding.batching import EmbeddingQueue
 from ledgerlens.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from ledgerlens.services.ingestion.batching import EmbeddingQueue
 from ledgerlens.services.ingestion.chunking import Chunk, chunk
 from ledgerlens.services.ingestion.convert import metadata_to_json
 from ledgerlens.services.ingestion.documents import ParsedDocument, parse

@@ -1,4 +1,4 @@
-"""One embedding queue for the whole service: concurrent ingests share model batches.
+"""One embedding queue per service: concurrent callers share model batches.
 
 A document of a few chunks embedded on its own leaves the model mostly idle between
 tiny batches; bulk ingest keeps several documents in flight and this queue packs

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import pytest
 
 from ledgerlens.embedding import EmbeddingError, OpenAIEmbedder
+from ledgerlens.embedding.batching import EmbeddingQueue
 from ledgerlens.embedding.testing import CachingEmbedder
 from ledgerlens.runtime.net import free_port
-from ledgerlens.services.ingestion.batching import EmbeddingQueue
 
 
 class Recording:
