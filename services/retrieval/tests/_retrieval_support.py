@@ -144,18 +144,18 @@ class Harness:
     async def indexed(self) -> int:
         return await self.running.indexer.backend.count()
 
-    async def wait_for(self, check: object, timeout: float = 20.0) -> None:
+    async def wait_for(self, check: object, seconds: float = 20.0) -> None:
         """Poll the async ``check()`` until it returns true."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + seconds
         while True:
             if await check():  # type: ignore[operator]
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s")
+                raise AssertionError(f"condition not met within {seconds}s")
             await asyncio.sleep(0.05)
 
-    async def wait_count(self, expected: int, timeout: float = 20.0) -> None:
+    async def wait_count(self, expected: int, seconds: float = 20.0) -> None:
         async def done() -> bool:
             return await self.indexed() == expected
 
-        await self.wait_for(done, timeout)
+        await self.wait_for(done, seconds)

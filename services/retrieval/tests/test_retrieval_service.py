@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from _retrieval_support import Doc, Harness, ts
+from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -100,16 +101,18 @@ async def test_indexed_chunks_are_found_with_their_provenance(retrieval: Harness
     assert response.took_micros > 0
     top = response.results[0]
     assert top.chunk.chunk_id == "doc_fees:1:0"
-    assert top.rank == 1 and [r.rank for r in response.results] == [1, 2, 3]
-    assert top.HasField("dense_score") and top.HasField("keyword_score")
-    assert -1.0 <= top.dense_score <= 1.0 and top.keyword_score > 0
+    assert [r.rank for r in response.results] == [1, 2, 3]
+    assert top.HasField("dense_score")
+    assert top.HasField("keyword_score")
+    assert -1.0 <= top.dense_score <= 1.0
+    assert top.keyword_score > 0
     scores = [r.score for r in response.results]
     assert scores == sorted(scores, reverse=True)
     chunk = top.chunk
     assert chunk.text == FEES[0]
     assert list(chunk.heading_path) == ["Fee market", "Part 0"]
     assert (chunk.char_start, chunk.char_end) == (0, len(FEES[0]))
-    assert chunk.provenance.document_id == "doc_fees" and chunk.provenance.version == 1
+    assert (chunk.provenance.document_id, chunk.provenance.version) == ("doc_fees", 1)
     assert chunk.provenance.source_url == "https://docs.example.org/doc_fees"
     assert len(chunk.provenance.sha256) == 64
     assert not chunk.provenance.HasField("anchor")
@@ -296,7 +299,8 @@ async def test_fusion_modes_and_min_score(retrieval: Harness) -> None:
     cut = await retrieval.search(
         query, fusion=retrieval_pb2.FUSION_MODE_DENSE, min_score=threshold, top_k=10
     )
-    assert len(cut.results) == 3 and all(r.score >= threshold for r in cut.results)
+    assert len(cut.results) == 3
+    assert all(r.score >= threshold for r in cut.results)
 
 
 def _with_unknown_field(message: Any, number: int) -> Any:
@@ -334,9 +338,7 @@ async def test_invalid_requests_are_invalid_argument_naming_the_field(
             retrieval_pb2.SearchRequest(
                 query="fees",
                 filter=retrieval_pb2.SearchFilter(
-                    published_after=retrieval_pb2.google_dot_protobuf_dot_timestamp__pb2.Timestamp(
-                        seconds=10**12
-                    )
+                    published_after=timestamp_pb2.Timestamp(seconds=10**12)
                 ),
             ),
             "filter.published_after",
@@ -374,12 +376,14 @@ async def test_invalid_requests_are_invalid_argument_naming_the_field(
         )
 
     # the stream fails before any result; a batch names the search at fault
+    received = []
+    stream = retrieval.stub.SearchStream(
+        retrieval_pb2.SearchStreamRequest(search=retrieval_pb2.SearchRequest(query="")),
+        metadata=retrieval.metadata,
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for _ in retrieval.stub.SearchStream(
-            retrieval_pb2.SearchStreamRequest(search=retrieval_pb2.SearchRequest(query="")),
-            metadata=retrieval.metadata,
-        ):
-            pytest.fail("a result before the validation error")
+        received += [message async for message in stream]
+    assert received == []
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     bad_batch = retrieval_pb2.BatchSearchRequest(
         searches=[
