@@ -92,7 +92,10 @@ class SearchFilter(google.protobuf.message.Message):
 
     @property
     def authors(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
-        """Any of these authors (exact, case-insensitive)."""
+        """Any of these authors, case-insensitive: the author as the source wrote it
+        ("Vitalik Buterin (@vbuterin)"), the name alone ("vitalik buterin"), or the
+        GitHub handle with or without "@" ("@vbuterin", "vbuterin").
+        """
 
     @property
     def doc_types(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[ledgerlens.common.v1.common_pb2.DocType.ValueType]:
