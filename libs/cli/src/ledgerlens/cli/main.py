@@ -7,15 +7,17 @@ from typing import Annotated
 
 import typer
 
-from ledgerlens.cli import identity, ingest
+from ledgerlens.cli import identity, ingest, search
 from ledgerlens.cli.config import (
     CONFIG_DIR_ENV,
     DEFAULT_IDENTITY_TARGET,
     DEFAULT_IDENTITY_URL,
     DEFAULT_INGESTION_TARGET,
+    DEFAULT_RETRIEVAL_TARGET,
     IDENTITY_TARGET_ENV,
     IDENTITY_URL_ENV,
     INGESTION_TARGET_ENV,
+    RETRIEVAL_TARGET_ENV,
     CliConfig,
     default_config_dir,
 )
@@ -59,6 +61,14 @@ def main(
             help="The ingestion service's gRPC address (host:port).",
         ),
     ] = DEFAULT_INGESTION_TARGET,
+    retrieval_target: Annotated[
+        str,
+        typer.Option(
+            "--retrieval",
+            envvar=RETRIEVAL_TARGET_ENV,
+            help="The retrieval service's gRPC address (host:port).",
+        ),
+    ] = DEFAULT_RETRIEVAL_TARGET,
     config_dir: Annotated[
         Path | None,
         typer.Option(
@@ -75,6 +85,7 @@ def main(
         identity_target=identity_target,
         identity_url=identity_url.rstrip("/"),
         ingestion_target=ingestion_target,
+        retrieval_target=retrieval_target,
         config_dir=config_dir if config_dir is not None else default_config_dir(),
         timeout_seconds=timeout,
     )
@@ -82,6 +93,7 @@ def main(
 
 identity.register(app)
 ingest.register(app)
+search.register(app)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,9 @@ class Searcher:
             dense, keyword, query.fusion, rrf_k=self.rrf_k, dense_weight=query.dense_weight
         )
         if query.min_score is not None:
-            fused = [f for f in fused if f.score >= query.min_score]
+            # compared as the response carries it (a float32), so a client that sends
+            # back a score it received keeps that result
+            fused = [f for f in fused if float(np.float32(f.score)) >= query.min_score]
         return fused
 
     async def search_with(
