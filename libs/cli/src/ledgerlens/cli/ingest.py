@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from ledgerlens.ingestion.v1.ingestion_pb2_grpc import IngestionServiceAsyncStub
 
 __all__ = [
+    "DOC_TYPES",
     "MAX_MESSAGE_BYTES",
     "SUPPORTED_SUFFIXES",
     "DocType",
@@ -55,6 +56,7 @@ __all__ = [
     "UsageProblem",
     "discover",
     "ingest",
+    "is_unreachable",
     "print_summary",
     "register",
     "stream_files",
@@ -92,7 +94,7 @@ class DocType(StrEnum):
     other = "other"
 
 
-_DOC_TYPES = {
+DOC_TYPES = {
     DocType.whitepaper: common_pb2.DOC_TYPE_WHITEPAPER,
     DocType.eip: common_pb2.DOC_TYPE_EIP,
     DocType.github: common_pb2.DOC_TYPE_GITHUB,
@@ -261,7 +263,7 @@ def _correlation_id(item: SourceFile, index: int) -> str:
     return prefix + display[-(MAX_CORRELATION_ID_CHARS - len(prefix)) :]
 
 
-def _is_unreachable(error: grpc.aio.AioRpcError) -> bool:
+def is_unreachable(error: grpc.aio.AioRpcError) -> bool:
     """A connection that never came up (as opposed to a service refusing the call)."""
     if error.code() != grpc.StatusCode.UNAVAILABLE:
         return False
@@ -319,7 +321,7 @@ async def stream_files(
             on_progress()
     except grpc.aio.AioRpcError as exc:
         line = describe_rpc_error(exc, SERVICE, target)
-        if received == 0 and _is_unreachable(exc):
+        if received == 0 and is_unreachable(exc):
             raise UsageProblem(line) from exc
         tally.aborted = line
         return
@@ -501,7 +503,7 @@ def ingest(
     """Ingest documents through one stream; exit 1 if any failed, 2 if none could be sent."""
     _check_prefix(source_prefix)
     metadata = common_pb2.DocumentMetadata(
-        doc_type=_DOC_TYPES[doc_type] if doc_type is not None else common_pb2.DOC_TYPE_UNSPECIFIED,
+        doc_type=DOC_TYPES[doc_type] if doc_type is not None else common_pb2.DOC_TYPE_UNSPECIFIED,
         chain=chain,
         tags=tag or [],
     )

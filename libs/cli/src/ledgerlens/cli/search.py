@@ -27,7 +27,7 @@ from rich.text import Text
 
 from ledgerlens.cli.config import CliError
 from ledgerlens.cli.identity import CLI_RETRY, Session, config_of, describe_rpc_error
-from ledgerlens.cli.ingest import _DOC_TYPES, DocType, UsageProblem, _is_unreachable
+from ledgerlens.cli.ingest import DOC_TYPES, DocType, UsageProblem, is_unreachable
 from ledgerlens.common.v1 import common_pb2
 from ledgerlens.retrieval.v1 import retrieval_pb2
 from ledgerlens.runtime.clients import retrieval_client, static_token
@@ -111,7 +111,7 @@ def build_request(
         chains=chains or [],
         authors=authors or [],
         tags=tags or [],
-        doc_types=[_DOC_TYPES[d] for d in doc_types or []],
+        doc_types=[DOC_TYPES[d] for d in doc_types or []],
         contract_addresses=contracts or [],
         source_url_prefix=source_prefix or "",
     )
@@ -150,7 +150,7 @@ async def _search(
             response: retrieval_pb2.SearchResponse = await client.stub.Search(request)
         except grpc.aio.AioRpcError as exc:
             line = describe_rpc_error(exc, SERVICE, target)
-            if _is_unreachable(exc):
+            if is_unreachable(exc):
                 raise UsageProblem(line) from exc
             raise CliError(line) from exc
     return response
