@@ -14,9 +14,10 @@ the service can share one file.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import MetaData, event
+from sqlalchemy import MetaData, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
@@ -24,6 +25,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 __all__ = [
     "NAMING_CONVENTION",
     "create_engine",
+    "database_check",
     "is_postgres",
     "is_sqlite",
     "new_metadata",
@@ -114,3 +116,14 @@ def _is_memory(dbapi_connection: Any) -> bool:
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions that keep loaded objects usable after commit (no implicit refresh IO)."""
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def database_check(engine: AsyncEngine) -> Callable[[], Awaitable[bool]]:
+    """A ``/readyz`` check: the database answers ``SELECT 1`` (it raises when it does not)."""
+
+    async def ready() -> bool:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        return True
+
+    return ready

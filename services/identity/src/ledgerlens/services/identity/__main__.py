@@ -18,26 +18,14 @@ import typer
 from rich.console import Console
 
 from ledgerlens.runtime.db import create_engine
-from ledgerlens.runtime.telemetry import configure_logging, configure_tracing, shutdown_tracing
+from ledgerlens.runtime.entrypoint import service_cli
 from ledgerlens.services.identity.app import run_identity
 from ledgerlens.services.identity.migrate import migrate
 from ledgerlens.services.identity.service import IdentityCore
 from ledgerlens.services.identity.settings import Settings
 
-cli = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__)
+cli = service_cli("identity", Settings, run_identity, migrate, help_text=__doc__)
 out = Console()
-
-
-async def serve(settings: Settings) -> None:
-    configure_logging(settings)
-    configure_tracing(settings)
-    async with run_identity(settings) as running:
-        running.server.install_signal_handlers()
-        out.print(
-            f"identity: gRPC {running.grpc_address}, HTTP {running.http_url}", highlight=False
-        )
-        await running.server.wait_for_termination()
-    shutdown_tracing()
 
 
 @asynccontextmanager
@@ -52,12 +40,6 @@ async def _offline_core() -> AsyncIterator[IdentityCore]:
     finally:
         await core.close()
         await engine.dispose()
-
-
-@cli.command("serve")
-def serve_command() -> None:
-    """Run the identity service (the default command)."""
-    asyncio.run(serve(Settings()))
 
 
 @cli.command("create-key")
@@ -97,18 +79,6 @@ def rotate_key(
             return f"active kid {result.kid} (previous {result.previous_kid})"
 
     out.print(asyncio.run(run()), highlight=False)
-
-
-@cli.command("migrate")
-def migrate_command() -> None:
-    """Bring the database to the newest schema and exit (e.g. a Kubernetes Job)."""
-    asyncio.run(migrate(Settings().database_url))
-
-
-@cli.callback(invoke_without_command=True)
-def default(ctx: typer.Context) -> None:
-    if ctx.invoked_subcommand is None:
-        serve_command()
 
 
 if __name__ == "__main__":

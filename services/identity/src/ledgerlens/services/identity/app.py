@@ -11,12 +11,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
-from sqlalchemy import text
 
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
 from ledgerlens.runtime import metrics
 from ledgerlens.runtime.auth import TokenVerifier
-from ledgerlens.runtime.db import create_engine, session_factory
+from ledgerlens.runtime.db import create_engine, database_check, session_factory
 from ledgerlens.runtime.events import STREAMS, EventBus, StreamSpec
 from ledgerlens.runtime.ops import build_ops_app, mark_draining, serve_ops_app
 from ledgerlens.runtime.outbox import OutboxRelay
@@ -67,14 +66,9 @@ async def run_identity(
         relay.start()
         stack.push_async_callback(relay.stop)
 
-        async def database_ready() -> bool:
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-            return True
-
         app = build_ops_app(
             "identity",
-            {"database": database_ready, "nats": bus.ready},
+            {"database": database_check(engine), "nats": bus.ready},
             registry=metrics.registry(),
             extra_routers=[build_rest_router(core), build_fabric_ca_router(ca)],
         )

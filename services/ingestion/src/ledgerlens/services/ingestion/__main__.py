@@ -2,54 +2,17 @@
 
 ``serve`` (the default) migrates the database, loads the embedding model, then runs
 the gRPC API, the ops app (``/healthz``, ``/readyz``, ``/metrics``), the outbox relay
-and the consumer of ledger anchors.
+and the consumer of ledger anchors. ``migrate`` only migrates.
 """
 
 from __future__ import annotations
 
-import asyncio
-
-import typer
-from rich.console import Console
-
-from ledgerlens.runtime.telemetry import configure_logging, configure_tracing, shutdown_tracing
+from ledgerlens.runtime.entrypoint import service_cli
 from ledgerlens.services.ingestion.app import run_ingestion
 from ledgerlens.services.ingestion.migrate import migrate
 from ledgerlens.services.ingestion.settings import Settings
 
-cli = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__)
-out = Console()
-
-
-async def serve(settings: Settings) -> None:
-    configure_logging(settings)
-    configure_tracing(settings)
-    async with run_ingestion(settings) as running:
-        running.server.install_signal_handlers()
-        out.print(
-            f"ingestion: gRPC {running.grpc_address}, HTTP {running.http_url}", highlight=False
-        )
-        await running.server.wait_for_termination()
-    shutdown_tracing()
-
-
-@cli.command("serve")
-def serve_command() -> None:
-    """Run the ingestion service (the default command)."""
-    asyncio.run(serve(Settings()))
-
-
-@cli.command("migrate")
-def migrate_command() -> None:
-    """Bring the database to the newest schema and exit (a Kubernetes Job runs this)."""
-    asyncio.run(migrate(Settings().database_url))
-
-
-@cli.callback(invoke_without_command=True)
-def main(ctx: typer.Context) -> None:
-    if ctx.invoked_subcommand is None:
-        serve_command()
-
+cli = service_cli("ingestion", Settings, run_ingestion, migrate, help_text=__doc__)
 
 if __name__ == "__main__":
     cli()

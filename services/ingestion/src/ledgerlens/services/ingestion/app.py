@@ -13,7 +13,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
-from sqlalchemy import text
 
 from ledgerlens.embedding import Embedder, create_embedder
 from ledgerlens.embedding.batching import EmbeddingQueue
@@ -21,7 +20,7 @@ from ledgerlens.events.v1 import events_pb2
 from ledgerlens.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 from ledgerlens.runtime import metrics
 from ledgerlens.runtime.auth import TokenVerifier
-from ledgerlens.runtime.db import create_engine
+from ledgerlens.runtime.db import create_engine, database_check
 from ledgerlens.runtime.events import (
     CONSUMERS,
     STREAMS,
@@ -108,14 +107,9 @@ async def run_ingestion(
         await bus.ensure_stream(streams["LEDGER"])  # declared by whoever starts first
         await bus.subscribe(anchor_consumer, events_pb2.AnchorCommitted, AnchorHandler(store))
 
-        async def database_ready() -> bool:
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-            return True
-
         app = build_ops_app(
             "ingestion",
-            {"database": database_ready, "nats": bus.ready},
+            {"database": database_check(engine), "nats": bus.ready},
             registry=metrics.registry(),
         )
         ops = await serve_ops_app(app, settings.host, settings.http_port)

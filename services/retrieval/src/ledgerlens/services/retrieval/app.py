@@ -16,7 +16,6 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from google.protobuf.message import Message
-from sqlalchemy import text
 
 from ledgerlens.embedding import Embedder, create_embedder
 from ledgerlens.embedding.batching import EmbeddingQueue
@@ -24,7 +23,7 @@ from ledgerlens.events.v1 import events_pb2
 from ledgerlens.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 from ledgerlens.runtime import metrics
 from ledgerlens.runtime.auth import TokenVerifier
-from ledgerlens.runtime.db import create_engine
+from ledgerlens.runtime.db import create_engine, database_check
 from ledgerlens.runtime.events import CONSUMERS, STREAMS, ConsumerSpec, EventBus, StreamSpec
 from ledgerlens.runtime.events.specs import subject_of
 from ledgerlens.runtime.ops import build_ops_app, mark_draining, serve_ops_app
@@ -141,14 +140,9 @@ async def run_retrieval(
             spec = _consumer_for(consumers, message_type)
             await bus.subscribe(replica_consumer(spec, settings.replica), message_type, handler)  # type: ignore[arg-type]
 
-        async def database_ready() -> bool:
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-            return True
-
         app = build_ops_app(
             "retrieval",
-            {"database": database_ready, "nats": bus.ready},
+            {"database": database_check(engine), "nats": bus.ready},
             registry=metrics.registry(),
         )
         ops = await serve_ops_app(app, settings.host, settings.http_port)
