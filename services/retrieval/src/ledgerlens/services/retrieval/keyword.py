@@ -92,16 +92,9 @@ class KeywordIndex:
         doc = tantivy.Document()
         doc.add_text("chunk_id", record.chunk_id)
         doc.add_text("version_key", _version_key(record.key))
-        doc.add_text("document_id", record.document_id)
-        if record.chain:
-            doc.add_text("chain", record.chain)
-        for value in record.contract_addresses:
-            doc.add_text("contract", value)
-        for value in record.author_keys:
-            doc.add_text("author", value)
-        for value in record.tags:
-            doc.add_text("tag", value)
-        doc.add_text("source_url", record.source_url)
+        for name, values in record.field_values().items():
+            for value in values:
+                doc.add_text(name, value)
         doc.add_unsigned("doc_type", record.doc_type)
         if record.published_at is not None:
             doc.add_integer("published", record.published_at)
@@ -187,16 +180,8 @@ class KeywordIndex:
             return None
         schema = self._schema
         clauses: list[tantivy.Query] = []
-        for name, values in (
-            ("chain", flt.chains),
-            ("contract", flt.contract_addresses),
-            ("author", flt.authors),
-            ("tag", flt.tags),
-            ("source_url", flt.source_urls),
-            ("document_id", flt.document_ids),
-        ):
-            if values:
-                clauses.append(tantivy.Query.term_set_query(schema, name, sorted(values)))
+        for name, values in flt.value_sets():
+            clauses.append(tantivy.Query.term_set_query(schema, name, sorted(values)))
         if flt.doc_types:
             clauses.append(tantivy.Query.term_set_query(schema, "doc_type", sorted(flt.doc_types)))
         if flt.has_date_range:

@@ -83,6 +83,17 @@ class ChunkRecord:
     def text(self) -> str:
         return self.chunk.text
 
+    def field_values(self) -> dict[str, tuple[str, ...]]:
+        """The string-valued filter fields, by the names every index gives them."""
+        return {
+            "chain": (self.chain,) if self.chain else (),
+            "contract": self.contract_addresses,
+            "author": self.author_keys,
+            "tag": self.tags,
+            "source_url": (self.source_url,),
+            "document_id": (self.document_id,),
+        }
+
     def keyword_text(self) -> str:
         """What BM25 indexes: title, headings and the chunk text."""
         parts = [self.chunk.metadata.title, *self.chunk.heading_path, self.chunk.text]
@@ -163,6 +174,18 @@ class Filter:
     @property
     def has_date_range(self) -> bool:
         return self.published_after is not None or self.published_before is not None
+
+    def value_sets(self) -> list[tuple[str, frozenset[str]]]:
+        """The string-valued fields that are set, named as in :meth:`ChunkRecord.field_values`."""
+        fields = (
+            ("chain", self.chains),
+            ("contract", self.contract_addresses),
+            ("author", self.authors),
+            ("tag", self.tags),
+            ("source_url", self.source_urls),
+            ("document_id", self.document_ids),
+        )
+        return [(name, values) for name, values in fields if values]
 
     def matches(self, record: ChunkRecord) -> bool:
         if self._empty:

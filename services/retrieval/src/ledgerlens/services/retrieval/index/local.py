@@ -77,17 +77,6 @@ class _Postings:
         return array
 
 
-def _values(record: ChunkRecord) -> dict[str, Iterable[str]]:
-    return {
-        "chain": (record.chain,) if record.chain else (),
-        "contract": record.contract_addresses,
-        "author": record.author_keys,
-        "tag": record.tags,
-        "source_url": (record.source_url,),
-        "document_id": (record.document_id,),
-    }
-
-
 class LocalBackend:
     name = "local"
 
@@ -233,7 +222,7 @@ class LocalBackend:
         self._vectors[slot] = record.vector
         self._doc_type[slot] = record.doc_type
         self._published[slot] = np.nan if record.published_at is None else record.published_at
-        for name, values in _values(record).items():
+        for name, values in record.field_values().items():
             for value in values:
                 self._postings[name].add(value, slot)
         self._alive[slot] = True
@@ -249,7 +238,7 @@ class LocalBackend:
             version_slots.discard(slot)
             if not version_slots:
                 del self._by_version[record.key]
-        for name, values in _values(record).items():
+        for name, values in record.field_values().items():
             for value in values:
                 self._postings[name].discard(value, slot)
 
@@ -404,16 +393,8 @@ class LocalBackend:
     def mask(self, flt: Filter) -> npt.NDArray[np.bool_]:
         """Slots passing ``flt`` (and alive), as a boolean array over all slots."""
         mask = self._alive.copy()
-        for name, values in (
-            ("chain", flt.chains),
-            ("contract", flt.contract_addresses),
-            ("author", flt.authors),
-            ("tag", flt.tags),
-            ("source_url", flt.source_urls),
-            ("document_id", flt.document_ids),
-        ):
-            if values:
-                mask &= self._any_of(name, values)
+        for name, values in flt.value_sets():
+            mask &= self._any_of(name, values)
         if flt.doc_types:
             mask &= np.isin(self._doc_type, np.fromiter(flt.doc_types, dtype=np.int16))
         if flt.has_date_range:

@@ -134,16 +134,8 @@ def _any(key: str, values: list[str] | list[int]) -> models.FieldCondition:
 def _conditions(flt: Filter) -> list[models.Condition]:
     """Every field of ``flt`` but ``source_url_prefix``, one condition each."""
     conditions: list[models.Condition] = []
-    for key, values in (
-        ("chain", flt.chains),
-        ("contract", flt.contract_addresses),
-        ("author", flt.authors),
-        ("tag", flt.tags),
-        ("source_url", flt.source_urls),
-        ("document_id", flt.document_ids),
-    ):
-        if values:
-            conditions.append(_any(key, sorted(values)))
+    for key, values in flt.value_sets():
+        conditions.append(_any(key, sorted(values)))
     if flt.doc_types:
         conditions.append(_any("doc_type", sorted(flt.doc_types)))
     if flt.has_date_range:
