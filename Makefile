@@ -9,7 +9,7 @@ PYPROJECTS := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 RUNTIME_SRC := libs/runtime/src/ledgerlens/runtime
 SERVICE_SRC := $(wildcard services/*/src/ledgerlens/services/*) libs/cli/src/ledgerlens/cli libs/embedding/src/ledgerlens/embedding
 
-.PHONY: setup protos fmt lint typecheck test up down bench
+.PHONY: setup protos fmt lint typecheck test up down bench eval
 
 setup: $(STAMP)
 
@@ -48,3 +48,6 @@ down: $(STAMP)
 
 bench: $(STAMP)
 	@$(BIN)/python bench/run.py
+
+eval: $(STAMP)
+	@$(BIN)/python services/retrieval/eval/run.py
