@@ -35,12 +35,12 @@ def author_keys(author: str) -> tuple[str, ...]:
     """
     written = " ".join(author.split()).casefold()
     keys = {written} if written else set()
-    name = _EMAIL.sub("", author)
-    name = re.sub(r"\([^)]*\)", "", name)
+    without_email = _EMAIL.sub("", author)  # "x@ethereum.org" is no GitHub handle
+    name = re.sub(r"\([^)]*\)", "", without_email)
     name = " ".join(name.split()).casefold()
     if name:
         keys.add(name)
-    for handle in _HANDLE.findall(author):
+    for handle in _HANDLE.findall(without_email):
         keys.add(handle.casefold())
         keys.add("@" + handle.casefold())
     return tuple(sorted(keys))

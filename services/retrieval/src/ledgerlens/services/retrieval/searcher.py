@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -124,11 +125,19 @@ class Searcher:
         pool = max(self.candidates, query.top_k)
         dense: list[Hit] = []
         keyword: list[Hit] = []
-        if query.fusion != retrieval_pb2.FUSION_MODE_KEYWORD:
-            assert vector is not None
-            dense = await self.backend.search(vector, query.filter, pool)
+        keyword_task = None
         if query.fusion != retrieval_pb2.FUSION_MODE_DENSE:
-            keyword = self.keyword.search(query.text, query.filter, pool)
+            # tantivy releases the GIL: BM25 runs on the other core meanwhile
+            keyword_task = asyncio.ensure_future(
+                asyncio.to_thread(self.keyword.search, query.text, query.filter, pool)
+            )
+        try:
+            if query.fusion != retrieval_pb2.FUSION_MODE_KEYWORD:
+                assert vector is not None
+                dense = await self.backend.search(vector, query.filter, pool, at_least=query.top_k)
+        finally:
+            if keyword_task is not None:
+                keyword = await keyword_task
         fused = fuse(
             dense, keyword, query.fusion, rrf_k=self.rrf_k, dense_weight=query.dense_weight
         )

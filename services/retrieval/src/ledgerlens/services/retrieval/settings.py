@@ -20,6 +20,10 @@ class LocalIndexSettings(BaseModel):
     #: a filter that leaves at most this many chunks is answered exactly (a scan of
     #: just those vectors); above it, the graph is searched and filtered.
     exact_threshold: int = Field(default=8192, ge=0)
+    #: above that, a search for fusion candidates walks the graph for at most this many
+    #: results (or what finding ``top_k`` survivors needs, if more): a filter passing a
+    #: fifth of the chunks would otherwise cost a walk five times the candidates' size.
+    max_graph_candidates: int = Field(default=256, ge=16)
     #: the graph is written to disk after this many seconds with changes (and at stop).
     snapshot_interval_seconds: float = Field(default=60.0, gt=0)
 

@@ -36,8 +36,19 @@ class VectorBackend(Protocol):
         """Remove every chunk of these document versions; returns how many went."""
         ...
 
-    async def search(self, vector: npt.NDArray[np.float32], flt: Filter, k: int) -> list[Hit]:
-        """The ``k`` chunks most similar (cosine) to ``vector`` that pass ``flt``, best first."""
+    async def search(
+        self,
+        vector: npt.NDArray[np.float32],
+        flt: Filter,
+        k: int,
+        *,
+        at_least: int | None = None,
+    ) -> list[Hit]:
+        """The ``k`` chunks most similar (cosine) to ``vector`` that pass ``flt``, best first.
+
+        With ``at_least`` (fusion candidates), a backend may return fewer than ``k`` when
+        more would cost much more, but never fewer than ``at_least`` that pass.
+        """
         ...
 
     async def get(self, chunk_ids: Sequence[str]) -> dict[str, ChunkRecord]:

@@ -101,6 +101,7 @@ class LocalBackend:
         self._generation = 0
         self._saved_generation = -1
         self._write_lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
         self._snapshot_task: asyncio.Task[None] | None = None
 
     def _new_graph(self) -> Index:
@@ -137,10 +138,11 @@ class LocalBackend:
         self._snapshot_task = asyncio.create_task(self._snapshots(), name="hnsw-snapshots")
 
     async def stop(self) -> None:
+        # the snapshot loop is told to end, not cancelled: a cancel would not stop a save
+        # already running in its worker thread, and the final save below would race it
+        self._stopping.set()
         if self._snapshot_task is not None:
-            self._snapshot_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._snapshot_task
+            await self._snapshot_task
             self._snapshot_task = None
         async with self._write_lock:
             if self._saved_generation != self._generation:
@@ -174,17 +176,22 @@ class LocalBackend:
     def _save_snapshot(self, generation: int) -> None:
         graph, meta = self._paths()
         size = len(self._ann)
-        tmp_graph = graph.with_suffix(".tmp")
+        tmp_graph = graph.with_name(graph.name + ".tmp")
         self._ann.save(str(tmp_graph))
         os.replace(tmp_graph, graph)
-        tmp_meta = meta.with_suffix(".tmp")
+        tmp_meta = meta.with_name(meta.name + ".tmp")
         tmp_meta.write_text(json.dumps({"generation": generation, "size": size}))
         os.replace(tmp_meta, meta)
         self._saved_generation = generation
 
     async def _snapshots(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.snapshot_interval_seconds)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stopping.wait(), self._settings.snapshot_interval_seconds
+                )
+            if self._stopping.is_set():
+                return
             async with self._write_lock:
                 if self._saved_generation != self._generation:
                     try:
@@ -334,11 +341,31 @@ class LocalBackend:
     def graph_memory_bytes(self) -> int:
         return int(self._ann.memory_usage)
 
-    async def search(self, vector: npt.NDArray[np.float32], flt: Filter, k: int) -> list[Hit]:
-        return self.search_now(vector, flt, k)
+    async def search(
+        self,
+        vector: npt.NDArray[np.float32],
+        flt: Filter,
+        k: int,
+        *,
+        at_least: int | None = None,
+    ) -> list[Hit]:
+        return self.search_now(vector, flt, k, at_least=at_least)
 
-    def search_now(self, vector: npt.NDArray[np.float32], flt: Filter, k: int) -> list[Hit]:
-        """The search itself, synchronous (it takes well under a millisecond)."""
+    def search_now(
+        self,
+        vector: npt.NDArray[np.float32],
+        flt: Filter,
+        k: int,
+        *,
+        at_least: int | None = None,
+    ) -> list[Hit]:
+        """The search itself, synchronous (well under a millisecond for ``k`` up to 100).
+
+        Under a filter that leaves many chunks, the graph walk that finds ``k`` survivors
+        grows as ``k / selectivity``; with ``at_least`` the walk stops at
+        ``max_graph_candidates`` once it has yielded ``at_least`` survivors, so fewer
+        than ``k`` may come back (fusion uses what a cheap walk finds beyond the top).
+        """
         total = len(self._records)
         if total == 0 or k <= 0:
             return []
@@ -351,9 +378,15 @@ class LocalBackend:
             return []
         if selected.size <= self._settings.exact_threshold:
             return self._exact(query, selected, k)
-        wanted = min(total, int(k * total / selected.size * 2) + k)
-        hits = self._graph_search(query, wanted, mask)
-        if len(hits) >= min(k, selected.size):
+        needed = min(k if at_least is None else max(1, min(at_least, k)), selected.size)
+        share = selected.size / total
+        # enough graph results to expect the survivors wanted, with a 25% margin
+        count = min(total, int(k / share * 1.25) + k)
+        if needed < k:
+            floor = int(needed / share * 1.25) + needed
+            count = min(count, max(floor, self._settings.max_graph_candidates))
+        hits = self._graph_search(query, count, mask)
+        if len(hits) >= needed:
             return hits[:k]
         return self._exact(query, selected, k)
 

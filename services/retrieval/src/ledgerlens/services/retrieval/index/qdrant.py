@@ -345,7 +345,14 @@ class QdrantBackend:
     def memory_bytes(self) -> int | None:
         return None
 
-    async def search(self, vector: npt.NDArray[np.float32], flt: Filter, k: int) -> list[Hit]:
+    async def search(
+        self,
+        vector: npt.NDArray[np.float32],
+        flt: Filter,
+        k: int,
+        *,
+        at_least: int | None = None,  # Qdrant filters inside its graph walk: always k
+    ) -> list[Hit]:
         if k <= 0:
             return []
         conditions = _conditions(flt)
