@@ -33,7 +33,7 @@ async def test_candidates_walk_is_bounded_but_never_short_of_at_least(tmp_path: 
     await migrate(url)
     engine = create_engine(url)
     rng = np.random.default_rng(7)
-    vectors = rng.standard_normal((4000, 16)).astype(np.float32)
+    vectors = rng.standard_normal((20000, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     records = []
     for i, vector in enumerate(vectors):

@@ -73,7 +73,7 @@ class Searcher:
         state: IndexState,
         queue: EmbeddingQueue,
         *,
-        candidates: int = 100,
+        candidates: int = 50,
         rrf_k: int = 60,
         query_cache_size: int = 10_000,
     ) -> None:

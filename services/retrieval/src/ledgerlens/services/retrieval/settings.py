@@ -19,7 +19,7 @@ class LocalIndexSettings(BaseModel):
     expansion_search: int = Field(default=96, ge=8)
     #: a filter that leaves at most this many chunks is answered exactly (a scan of
     #: just those vectors); above it, the graph is searched and filtered.
-    exact_threshold: int = Field(default=8192, ge=0)
+    exact_threshold: int = Field(default=2048, ge=0)
     #: above that, a search for fusion candidates walks the graph for at most this many
     #: results (or what finding ``top_k`` survivors needs, if more): a filter passing a
     #: fifth of the chunks would otherwise cost a walk five times the candidates' size.
@@ -64,8 +64,9 @@ class Settings(ServiceSettings):
     max_top_k: int = Field(default=100, ge=1, le=1000)
     #: results when the request's ``top_k`` is 0.
     default_top_k: int = Field(default=10, ge=1)
-    #: candidates taken from each ranking (dense, keyword) before fusion, at least top_k.
-    candidates: int = Field(default=100, ge=1, le=2000)
+    #: candidates taken from each ranking (dense, keyword) before fusion; a search takes
+    #: max(candidates, top_k) from each.
+    candidates: int = Field(default=50, ge=1, le=2000)
     #: reciprocal-rank fusion constant: score = sum 1 / (rrf_k + rank).
     rrf_k: int = Field(default=60, ge=1)
     #: searches in one BatchSearch, at most.
@@ -83,6 +84,4 @@ class Settings(ServiceSettings):
     def _check_limits(self) -> Self:
         if self.default_top_k > self.max_top_k:
             raise ValueError("default_top_k must not exceed max_top_k")
-        if self.candidates < self.max_top_k:
-            raise ValueError("candidates must be at least max_top_k")
         return self
