@@ -8,18 +8,15 @@ corpus is a handful of small files because the real model embeds every chunk.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc.aio
 import pytest
-from typer.testing import CliRunner, Result
+from _cli_support import Cli, assert_one_line_error, cli_env
 
-from ledgerlens.cli.main import app
 from ledgerlens.embedding.testing import CachingEmbedder
 from ledgerlens.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 from ledgerlens.runtime.net import free_port
@@ -68,29 +65,6 @@ PAGE = """\
 """
 
 
-@dataclass
-class Cli:
-    """``ledgerlens ...`` in-process, in a thread, with this test's environment."""
-
-    env: dict[str, str]
-
-    async def __call__(self, *args: str) -> Result:
-        def invoke() -> Result:
-            return CliRunner().invoke(app, list(args), env=self.env)
-
-        return await asyncio.to_thread(invoke)
-
-
-def _env(config_dir: Path, identity: str, ingestion: str) -> dict[str, str]:
-    return {
-        "LEDGERLENS_CONFIG_DIR": str(config_dir),
-        "LEDGERLENS_IDENTITY_TARGET": identity,
-        "LEDGERLENS_INGESTION_TARGET": ingestion,
-        "LEDGERLENS_CLIENT_SECRET": "",  # never the environment's, if any
-        "COLUMNS": "250",  # whole paths and messages in the tables
-    }
-
-
 @pytest.fixture
 async def ingestion(
     identity: RunningIdentity,
@@ -126,7 +100,7 @@ async def _login(
     identity: RunningIdentity, ingestion_target: str, tmp_path: Path, *scopes: str
 ) -> Cli:
     record, secret = await identity.core.create_key("acme", "ingester", list(scopes))
-    cli = Cli(_env(tmp_path / "config", identity.grpc_address, ingestion_target))
+    cli = Cli(_env_for(tmp_path / "config", identity.grpc_address, ingestion_target))
     result = await cli("login", "--client-id", record.key_id, "--client-secret", secret)
     assert result.exit_code == 0, result.output
     return cli
@@ -164,18 +138,6 @@ def _summary(stdout: str) -> dict[str, str]:
 def _failure_rows(stdout: str) -> list[str]:
     _, _, table = stdout.partition("Failures")
     return [line for line in table.splitlines() if line.strip()]
-
-
-def _assert_one_line_error(result: Result, exit_code: int, *needles: str) -> str:
-    assert result.exit_code == exit_code, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 async def _documents(ingestion: RunningIngestion, cli: Cli, prefix: str) -> list[Any]:
@@ -267,11 +229,11 @@ async def test_source_prefix_metadata_options_and_no_recursion(
 
 async def test_nothing_to_ingest_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "only.docx").write_bytes(b"x")
-    cli = Cli(_env(tmp_path / "config", "127.0.0.1:1", "127.0.0.1:1"))
+    cli = Cli(_env_for(tmp_path / "config", "127.0.0.1:1", "127.0.0.1:1"))
     nothing = await cli("ingest", str(tmp_path / "only.docx"))
-    _assert_one_line_error(nothing, 2, "no files to ingest", "1 skipped")
+    assert_one_line_error(nothing, 2, "no files to ingest", "1 skipped")
     missing = await cli("ingest", str(tmp_path / "missing"))
-    _assert_one_line_error(missing, 2, "no such file or directory", "missing")
+    assert_one_line_error(missing, 2, "no such file or directory", "missing")
 
 
 async def test_an_unreachable_ingestion_service_is_one_line_exit_2(
@@ -280,7 +242,7 @@ async def test_an_unreachable_ingestion_service_is_one_line_exit_2(
     target = f"127.0.0.1:{free_port()}"
     cli = await _login(identity, target, tmp_path, "ingest:write")
     result = await cli("ingest", str(corpus / "notes.txt"))
-    _assert_one_line_error(result, 2, "cannot reach ingestion", target)
+    assert_one_line_error(result, 2, "cannot reach ingestion", target)
 
 
 async def test_a_token_without_ingest_write_is_permission_denied(
@@ -288,4 +250,8 @@ async def test_a_token_without_ingest_write_is_permission_denied(
 ) -> None:
     cli = await _login(identity, ingestion.grpc_address, tmp_path, "search:read")
     result = await cli("ingest", str(corpus / "notes.txt"))
-    _assert_one_line_error(result, 1, "PERMISSION_DENIED")
+    assert_one_line_error(result, 1, "PERMISSION_DENIED")
+
+
+def _env_for(config_dir: Path, identity: str, ingestion: str) -> dict[str, str]:
+    return cli_env(config_dir, identity, ingestion=ingestion)

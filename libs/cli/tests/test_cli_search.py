@@ -15,15 +15,13 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _cli_support import Cli, assert_one_line_error, cli_env
 from _retrieval_support import Doc, ts
 from google.protobuf.message import Message
-from typer.testing import CliRunner, Result
 
-from ledgerlens.cli.main import app
 from ledgerlens.common.v1 import common_pb2
 from ledgerlens.embedding.testing import CachingEmbedder
 from ledgerlens.events.v1 import events_pb2
@@ -74,29 +72,6 @@ def corpus() -> list[Doc]:
         ),
         Doc("doc_blobs", 1, BLOBS, tags=["core"], published=None, title="Blob transactions"),
     ]
-
-
-@dataclass
-class Cli:
-    """``ledgerlens ...`` in-process, in a thread, with this test's environment."""
-
-    env: dict[str, str]
-
-    async def __call__(self, *args: str) -> Result:
-        def invoke() -> Result:
-            return CliRunner().invoke(app, list(args), env=self.env)
-
-        return await asyncio.to_thread(invoke)
-
-
-def _env(config_dir: Path, identity: str, retrieval: str) -> dict[str, str]:
-    return {
-        "LEDGERLENS_CONFIG_DIR": str(config_dir),
-        "LEDGERLENS_IDENTITY_TARGET": identity,
-        "LEDGERLENS_RETRIEVAL_TARGET": retrieval,
-        "LEDGERLENS_CLIENT_SECRET": "",  # never the environment's, if any
-        "COLUMNS": "250",  # whole URLs, ids and snippets in the table
-    }
 
 
 async def _wait_for(check: object, seconds: float = 20.0) -> None:
@@ -169,7 +144,7 @@ async def _login(
     identity: RunningIdentity, retrieval_target: str, tmp_path: Path, *scopes: str
 ) -> Cli:
     record, secret = await identity.core.create_key("acme", "searcher", list(scopes))
-    cli = Cli(_env(tmp_path / "config", identity.grpc_address, retrieval_target))
+    cli = Cli(_env_for(tmp_path / "config", identity.grpc_address, retrieval_target))
     result = await cli("login", "--client-id", record.key_id, "--client-secret", secret)
     assert result.exit_code == 0, result.output
     return cli
@@ -183,18 +158,6 @@ async def cli(identity: RunningIdentity, retrieval: RunningRetrieval, tmp_path: 
 def _rows(stdout: str) -> list[str]:
     """The table's result rows: rank then score (a cell's wrapped lines have neither)."""
     return [line for line in stdout.splitlines() if re.match(r"\s*\d+\s+-?\d+\.\d{4}\s", line)]
-
-
-def _assert_one_line_error(result: Result, exit_code: int, *needles: str) -> str:
-    assert result.exit_code == exit_code, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 async def test_table_lists_what_passes_the_filter_with_its_provenance(cli: Cli) -> None:
@@ -287,7 +250,7 @@ async def test_json_prints_the_response(
 async def test_a_bad_date_is_a_usage_error_before_any_call(tmp_path: Path) -> None:
     # not logged in and nothing listening: any attempt at a call would fail otherwise
     target = f"127.0.0.1:{free_port()}"
-    cli = Cli(_env(tmp_path / "config", target, target))
+    cli = Cli(_env_for(tmp_path / "config", target, target))
     since = await cli("search", "fees", "--since", "2021-13-01")
     assert since.exit_code == 2, since.output
     assert "Traceback" not in since.output
@@ -305,12 +268,12 @@ async def test_a_bad_date_is_a_usage_error_before_any_call(tmp_path: Path) -> No
 
 async def test_invalid_arguments_are_the_services_one_line_message(cli: Cli) -> None:
     too_many = await cli("search", "fees", "-k", "101")
-    line = _assert_one_line_error(too_many, 1, "INVALID_ARGUMENT", "top_k")
+    line = assert_one_line_error(too_many, 1, "INVALID_ARGUMENT", "top_k")
     assert line.startswith("error: ")
     backwards = await cli("search", "fees", "--since", "2022-01-01", "--until", "2021-01-01")
-    _assert_one_line_error(backwards, 1, "INVALID_ARGUMENT", "filter.published_before")
+    assert_one_line_error(backwards, 1, "INVALID_ARGUMENT", "filter.published_before")
     weight = await cli("search", "fees", "--fusion", "dense", "--dense-weight", "0.5")
-    _assert_one_line_error(weight, 1, "INVALID_ARGUMENT", "dense_weight")
+    assert_one_line_error(weight, 1, "INVALID_ARGUMENT", "dense_weight")
 
 
 async def test_without_search_read_is_permission_denied(
@@ -318,7 +281,7 @@ async def test_without_search_read_is_permission_denied(
 ) -> None:
     cli = await _login(identity, retrieval.grpc_address, tmp_path, "ingest:read")
     result = await cli("search", "fees")
-    _assert_one_line_error(result, 1, "PERMISSION_DENIED")
+    assert_one_line_error(result, 1, "PERMISSION_DENIED")
 
 
 async def test_an_unreachable_retrieval_service_is_one_clear_line(
@@ -328,10 +291,14 @@ async def test_an_unreachable_retrieval_service_is_one_clear_line(
     cli = await _login(identity, target, tmp_path, "search:read")
     result = await cli("search", "fees")
     # as for ingest: no service to talk to is the invocation's problem, exit code 2
-    _assert_one_line_error(result, 2, "cannot reach retrieval", target, "UNAVAILABLE")
+    assert_one_line_error(result, 2, "cannot reach retrieval", target, "UNAVAILABLE")
 
 
 async def test_not_logged_in_is_one_line(tmp_path: Path) -> None:
     target = f"127.0.0.1:{free_port()}"
-    result = await Cli(_env(tmp_path / "config", target, target))("search", "fees")
-    _assert_one_line_error(result, 1, "not logged in", "ledgerlens login")
+    result = await Cli(_env_for(tmp_path / "config", target, target))("search", "fees")
+    assert_one_line_error(result, 1, "not logged in", "ledgerlens login")
+
+
+def _env_for(config_dir: Path, identity: str, retrieval: str) -> dict[str, str]:
+    return cli_env(config_dir, identity, retrieval=retrieval)

@@ -1,0 +1,52 @@
+"""Test support of the CLI tests (imported by name: tests are not a package)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from typer.testing import CliRunner, Result
+
+from ledgerlens.cli.main import app
+
+
+@dataclass
+class Cli:
+    """``ledgerlens ...`` in-process, in a thread, with this test's environment."""
+
+    env: dict[str, str]
+
+    async def __call__(self, *args: str) -> Result:
+        def invoke() -> Result:
+            return CliRunner().invoke(app, list(args), env=self.env)
+
+        return await asyncio.to_thread(invoke)
+
+
+def cli_env(config_dir: Path, identity: str, **targets: str) -> dict[str, str]:
+    """The environment of one test's CLI: its own config dir, and the services' targets
+    (``ingestion=...`` becomes ``LEDGERLENS_INGESTION_TARGET``)."""
+    env = {
+        "LEDGERLENS_CONFIG_DIR": str(config_dir),
+        "LEDGERLENS_IDENTITY_TARGET": identity,
+        "LEDGERLENS_CLIENT_SECRET": "",  # never the environment's, if any
+        "COLUMNS": "250",  # whole URLs, paths, ids and messages in the tables
+    }
+    for service, target in targets.items():
+        env[f"LEDGERLENS_{service.upper()}_TARGET"] = target
+    return env
+
+
+def assert_one_line_error(result: Result, exit_code: int, *needles: str) -> str:
+    """The command failed with ``exit_code`` and one line on stderr holding ``needles``
+    (no traceback, nothing on stdout); returns the line."""
+    assert result.exit_code == exit_code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
