@@ -19,14 +19,21 @@ from pathlib import Path
 
 import tantivy
 
-from ledgerlens.services.retrieval.model import ChunkRecord, Filter, Hit, VersionKey
+from ledgerlens.services.retrieval.model import (
+    VALUE_FIELDS,
+    ChunkRecord,
+    Filter,
+    Hit,
+    VersionKey,
+)
 
 __all__ = ["KeywordIndex"]
 
 log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"\w+", re.UNICODE)
-_RAW_FIELDS = ("chunk_id", "version_key", "document_id", "chain", "contract", "author", "tag")
+#: exact-match fields: the stored id, what removals match on, and the filter fields
+_RAW_FIELDS = ("chunk_id", "version_key", *VALUE_FIELDS)
 # tantivy's regex syntax is Rust's: escape every character that is not a letter,
 # digit or underscore (superfluous escapes of punctuation are allowed there).
 _REGEX_META = re.compile(r"([^A-Za-z0-9_])")
@@ -36,7 +43,6 @@ def _schema() -> tantivy.Schema:
     builder = tantivy.SchemaBuilder()
     for name in _RAW_FIELDS:
         builder.add_text_field(name, stored=name == "chunk_id", tokenizer_name="raw")
-    builder.add_text_field("source_url", stored=False, tokenizer_name="raw")
     builder.add_unsigned_field("doc_type", indexed=True)
     builder.add_integer_field("published", indexed=True, fast=True)
     builder.add_text_field("text", stored=False, tokenizer_name=_TEXT_ANALYZER)

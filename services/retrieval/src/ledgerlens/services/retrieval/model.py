@@ -18,10 +18,15 @@ import numpy.typing as npt
 from ledgerlens.events.v1 import events_pb2
 from ledgerlens.retrieval.v1 import retrieval_pb2
 
-__all__ = ["ChunkRecord", "Filter", "Hit", "VersionKey", "author_keys"]
+__all__ = ["VALUE_FIELDS", "ChunkRecord", "Filter", "Hit", "VersionKey", "author_keys"]
 
 #: (document_id, version)
 VersionKey = tuple[str, int]
+
+#: the string-valued filter fields, by the name every index (numpy postings, tantivy,
+#: Qdrant payload) gives them; ChunkRecord.field_values and Filter.value_sets yield them
+#: in this order.
+VALUE_FIELDS: tuple[str, ...] = ("chain", "contract", "author", "tag", "source_url", "document_id")
 
 _HANDLE = re.compile(r"@([A-Za-z0-9][A-Za-z0-9_.-]*)")
 _EMAIL = re.compile(r"<[^>]*>")
@@ -85,14 +90,15 @@ class ChunkRecord:
 
     def field_values(self) -> dict[str, tuple[str, ...]]:
         """The string-valued filter fields, by the names every index gives them."""
-        return {
-            "chain": (self.chain,) if self.chain else (),
-            "contract": self.contract_addresses,
-            "author": self.author_keys,
-            "tag": self.tags,
-            "source_url": (self.source_url,),
-            "document_id": (self.document_id,),
-        }
+        values = (
+            (self.chain,) if self.chain else (),
+            self.contract_addresses,
+            self.author_keys,
+            self.tags,
+            (self.source_url,),
+            (self.document_id,),
+        )
+        return dict(zip(VALUE_FIELDS, values, strict=True))
 
     def keyword_text(self) -> str:
         """What BM25 indexes: title, headings and the chunk text."""
@@ -177,15 +183,15 @@ class Filter:
 
     def value_sets(self) -> list[tuple[str, frozenset[str]]]:
         """The string-valued fields that are set, named as in :meth:`ChunkRecord.field_values`."""
-        fields = (
-            ("chain", self.chains),
-            ("contract", self.contract_addresses),
-            ("author", self.authors),
-            ("tag", self.tags),
-            ("source_url", self.source_urls),
-            ("document_id", self.document_ids),
+        sets = (
+            self.chains,
+            self.contract_addresses,
+            self.authors,
+            self.tags,
+            self.source_urls,
+            self.document_ids,
         )
-        return [(name, values) for name, values in fields if values]
+        return [(name, values) for name, values in zip(VALUE_FIELDS, sets, strict=True) if values]
 
     def matches(self, record: ChunkRecord) -> bool:
         if self._empty:

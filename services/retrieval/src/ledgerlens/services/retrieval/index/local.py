@@ -33,15 +33,19 @@ import numpy.typing as npt
 from usearch.index import Index
 
 from ledgerlens.retrieval.v1 import retrieval_pb2
-from ledgerlens.services.retrieval.model import ChunkRecord, Filter, Hit, VersionKey
+from ledgerlens.services.retrieval.model import (
+    VALUE_FIELDS,
+    ChunkRecord,
+    Filter,
+    Hit,
+    VersionKey,
+)
 from ledgerlens.services.retrieval.settings import LocalIndexSettings
 from ledgerlens.services.retrieval.store import Store, StoredChunk
 
 __all__ = ["LocalBackend"]
 
 log = logging.getLogger(__name__)
-
-_LIST_FIELDS = ("chain", "contract", "author", "tag", "source_url", "document_id")
 
 
 class _Postings:
@@ -92,7 +96,7 @@ class LocalBackend:
         self._slot_of: dict[str, int] = {}
         self._records: dict[int, ChunkRecord] = {}
         self._by_version: dict[VersionKey, set[int]] = defaultdict(set)
-        self._postings = {name: _Postings() for name in _LIST_FIELDS}
+        self._postings = {name: _Postings() for name in VALUE_FIELDS}
         self._capacity = 0
         self._vectors = np.zeros((0, dimensions), dtype=np.float32)
         self._alive = np.zeros(0, dtype=bool)

@@ -62,7 +62,13 @@ from qdrant_client.conversions.common_types import PointId
 from qdrant_client.http.exceptions import UnexpectedResponse
 
 from ledgerlens.retrieval.v1 import retrieval_pb2
-from ledgerlens.services.retrieval.model import ChunkRecord, Filter, Hit, VersionKey
+from ledgerlens.services.retrieval.model import (
+    VALUE_FIELDS,
+    ChunkRecord,
+    Filter,
+    Hit,
+    VersionKey,
+)
 from ledgerlens.services.retrieval.settings import QdrantSettings
 
 __all__ = ["QdrantBackend", "point_id", "url_dirs"]
@@ -72,16 +78,7 @@ log = logging.getLogger(__name__)
 #: namespace of the points' UUID5 ids (fixed: changing it orphans every point).
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://ledgerlens/retrieval/chunk")
 
-_KEYWORD_FIELDS = (
-    "chain",
-    "contract",
-    "author",
-    "tag",
-    "source_url",
-    "source_url_dirs",
-    "document_id",
-    "version_key",
-)
+_KEYWORD_FIELDS = (*VALUE_FIELDS, "source_url_dirs", "version_key")
 _INTEGER_FIELDS = ("doc_type", "published")
 
 #: points per upsert request; version keys per removal request.
