@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from typer.testing import CliRunner, Result
 
 from ledgerlens.cli.main import app
+from ledgerlens.services.identity.app import RunningIdentity
 
 
 @dataclass
@@ -50,3 +52,20 @@ def assert_one_line_error(result: Result, exit_code: int, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+async def logged_in(
+    identity: RunningIdentity,
+    config_dir: Path,
+    scopes: Sequence[str],
+    *,
+    key_name: str,
+    **targets: str,
+) -> Cli:
+    """A CLI logged in (``ledgerlens login``) with a new key of ``scopes`` in tenant
+    ``acme``; ``targets`` as for :func:`cli_env`."""
+    record, secret = await identity.core.create_key("acme", key_name, list(scopes))
+    cli = Cli(cli_env(config_dir, identity.grpc_address, **targets))
+    result = await cli("login", "--client-id", record.key_id, "--client-secret", secret)
+    assert result.exit_code == 0, result.output
+    return cli

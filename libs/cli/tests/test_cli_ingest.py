@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc.aio
 import pytest
-from _cli_support import Cli, assert_one_line_error, cli_env
+from _cli_support import Cli, assert_one_line_error, cli_env, logged_in
 
 from ledgerlens.embedding.testing import CachingEmbedder
 from ledgerlens.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
@@ -99,11 +99,9 @@ async def ingestion(
 async def _login(
     identity: RunningIdentity, ingestion_target: str, tmp_path: Path, *scopes: str
 ) -> Cli:
-    record, secret = await identity.core.create_key("acme", "ingester", list(scopes))
-    cli = Cli(_env_for(tmp_path / "config", identity.grpc_address, ingestion_target))
-    result = await cli("login", "--client-id", record.key_id, "--client-secret", secret)
-    assert result.exit_code == 0, result.output
-    return cli
+    return await logged_in(
+        identity, tmp_path / "config", scopes, key_name="ingester", ingestion=ingestion_target
+    )
 
 
 @pytest.fixture

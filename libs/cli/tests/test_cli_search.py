@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from _cli_support import Cli, assert_one_line_error, cli_env
+from _cli_support import Cli, assert_one_line_error, cli_env, logged_in
 from _retrieval_support import Doc, ts
 from google.protobuf.message import Message
 
@@ -143,11 +143,9 @@ async def retrieval(
 async def _login(
     identity: RunningIdentity, retrieval_target: str, tmp_path: Path, *scopes: str
 ) -> Cli:
-    record, secret = await identity.core.create_key("acme", "searcher", list(scopes))
-    cli = Cli(_env_for(tmp_path / "config", identity.grpc_address, retrieval_target))
-    result = await cli("login", "--client-id", record.key_id, "--client-secret", secret)
-    assert result.exit_code == 0, result.output
-    return cli
+    return await logged_in(
+        identity, tmp_path / "config", scopes, key_name="searcher", retrieval=retrieval_target
+    )
 
 
 @pytest.fixture
