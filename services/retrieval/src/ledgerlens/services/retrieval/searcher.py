@@ -107,16 +107,24 @@ class Searcher:
                 found[text] = vector
         return [found[text] for text in texts]
 
+    @staticmethod
+    def _needs_vector(query: Query) -> bool:
+        return query.fusion != retrieval_pb2.FUSION_MODE_KEYWORD
+
+    async def _vector_for(self, query: Query) -> Vector | None:
+        """The query's vector, or None for a keyword-only search (no model time)."""
+        if not self._needs_vector(query):
+            return None
+        (vector,) = await self.embed([query.text])
+        return vector
+
     async def search(self, query: Query) -> SearchOutcome:
         started = time.perf_counter_ns()
-        vector = None
-        if query.fusion != retrieval_pb2.FUSION_MODE_KEYWORD:
-            (vector,) = await self.embed([query.text])
-        return await self.search_with(query, vector, started)
+        return await self.search_with(query, await self._vector_for(query), started)
 
     async def search_many(self, queries: Sequence[Query]) -> list[SearchOutcome]:
         started = time.perf_counter_ns()
-        need = [q.text for q in queries if q.fusion != retrieval_pb2.FUSION_MODE_KEYWORD]
+        need = [q.text for q in queries if self._needs_vector(q)]
         vectors = dict(zip(need, await self.embed(need), strict=True)) if need else {}
         return [await self.search_with(q, vectors.get(q.text), started) for q in queries]
 
@@ -158,10 +166,7 @@ class Searcher:
 
     async def stream(self, query: Query) -> AsyncIterator[retrieval_pb2.SearchResult]:
         """Results one at a time: the first is hydrated and sent before the rest."""
-        vector = None
-        if query.fusion != retrieval_pb2.FUSION_MODE_KEYWORD:
-            (vector,) = await self.embed([query.text])
-        fused = await self.ranked(query, vector)
+        fused = await self.ranked(query, await self._vector_for(query))
         first = await self.hydrate(fused, 1)
         if not first:
             return
