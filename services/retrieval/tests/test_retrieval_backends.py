@@ -554,6 +554,42 @@ async def test_restart_keeps_everything(
     assert set(await backend.get([r.chunk_id for r in extra])) == {r.chunk_id for r in extra}
 
 
+async def test_graph_precision_change_rebuilds_the_snapshot(
+    opener: Callable[..., Opener],
+    dataset: list[ChunkRecord],
+    kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A snapshot written at one graph precision is not loaded at another: the graph
+    is rebuilt, and either way the scores are exact cosines (the graph only proposes)."""
+    if kind != "local":
+        pytest.skip("graph precision is a setting of the local backend")
+    one = opener(LocalIndexSettings(graph_dtype="f32"))
+    backend = await one.open()
+    await backend.upsert(dataset)
+    truth = Truth()
+    truth.add(dataset)
+    assert isinstance(backend, LocalBackend)
+    assert "F32" in repr(backend._ann)
+    await one.stop(backend)
+
+    one.local = LocalIndexSettings(graph_dtype="i8")
+    caplog.set_level("INFO", logger="ledgerlens.services.retrieval.index.local")
+    backend = await one.open()
+    assert isinstance(backend, LocalBackend)
+    assert "I8" in repr(backend._ann)  # rebuilt at the new precision, not the old file
+    assert "HNSW snapshot is stale" in caplog.text
+    rng = np.random.default_rng(31)
+    for query in [*unit(rng, 10), dataset[3].vector]:
+        hits = await backend.search(query, Filter(), 10)
+        # every score is the exact cosine, not the quantised graph's distance
+        assert truth.check(hits, query, Filter(), 10, exact=False) >= 0.8
+    await one.stop(backend)
+    caplog.clear()
+    backend = await one.open()  # the same precision again: its own snapshot is loaded
+    assert f"loaded HNSW snapshot of {len(dataset)} chunks" in caplog.text
+
+
 @pytest.mark.slow
 async def test_large_dataset_recall(
     opener: Callable[..., Opener], kind: str, monkeypatch: pytest.MonkeyPatch

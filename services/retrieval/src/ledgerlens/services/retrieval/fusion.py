@@ -12,7 +12,7 @@ Ties break on the chunk id, so a ranking is deterministic.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ledgerlens.retrieval.v1 import retrieval_pb2
 from ledgerlens.services.retrieval.model import Hit
@@ -20,8 +20,7 @@ from ledgerlens.services.retrieval.model import Hit
 __all__ = ["Fused", "fuse"]
 
 
-@dataclass(frozen=True, slots=True)
-class Fused:
+class Fused(NamedTuple):
     chunk_id: str
     score: float
     dense: float | None
@@ -46,24 +45,24 @@ def fuse(
     dense_weight: float = 0.5,
 ) -> list[Fused]:
     """All candidates of both rankings, fused, best first."""
-    dense_scores = {h.chunk_id: h.score for h in dense}
-    keyword_scores = {h.chunk_id: h.score for h in keyword}
-    ids = list(dict.fromkeys([*dense_scores, *keyword_scores]))
+    dense_scores = dict(dense)
+    keyword_scores = dict(keyword)
+    scored: dict[str, float]
     if mode == retrieval_pb2.FUSION_MODE_DENSE:
-        scored = {cid: dense_scores[cid] for cid in dense_scores}
+        scored = dense_scores
     elif mode == retrieval_pb2.FUSION_MODE_KEYWORD:
-        scored = {cid: keyword_scores[cid] for cid in keyword_scores}
+        scored = keyword_scores
     elif mode == retrieval_pb2.FUSION_MODE_WEIGHTED:
         d, k = _normalised(dense), _normalised(keyword)
         scored = {
             cid: dense_weight * d.get(cid, 0.0) + (1 - dense_weight) * k.get(cid, 0.0)
-            for cid in ids
+            for cid in dict.fromkeys([*dense_scores, *keyword_scores])
         }
     else:
-        scored = dict.fromkeys(ids, 0.0)
+        scored = {}
         for ranking in (dense, keyword):
-            for rank, hit in enumerate(ranking, start=1):
-                scored[hit.chunk_id] += 1.0 / (rrf_k + rank)
+            for rank, (cid, _score) in enumerate(ranking, start=rrf_k + 1):
+                scored[cid] = scored.get(cid, 0.0) + 1.0 / rank
     ordered = sorted(scored.items(), key=lambda item: (-item[1], item[0]))
     return [
         Fused(cid, score, dense_scores.get(cid), keyword_scores.get(cid)) for cid, score in ordered

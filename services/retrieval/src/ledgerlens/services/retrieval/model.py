@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -18,7 +19,7 @@ import numpy.typing as npt
 from ledgerlens.events.v1 import events_pb2
 from ledgerlens.retrieval.v1 import retrieval_pb2
 
-__all__ = ["VALUE_FIELDS", "ChunkRecord", "Filter", "Hit", "VersionKey", "author_keys"]
+__all__ = ["VALUE_FIELDS", "ChunkRecord", "Filter", "Hit", "VersionKey", "author_keys", "unit"]
 
 #: (document_id, version)
 VersionKey = tuple[str, int]
@@ -49,6 +50,13 @@ def author_keys(author: str) -> tuple[str, ...]:
         keys.add(handle.casefold())
         keys.add("@" + handle.casefold())
     return tuple(sorted(keys))
+
+
+def unit(vector: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """``vector`` as float32 scaled to length 1 (cosine is then a dot product)."""
+    array = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(array))
+    return array / np.float32(norm) if norm > 0 else array
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +122,7 @@ class ChunkRecord:
         published = meta.published_at.seconds if meta.HasField("published_at") else None
         return cls(
             chunk=chunk,
-            vector=np.asarray(vector, dtype=np.float32),
+            vector=unit(vector),
             chain=meta.chain.strip().lower(),
             contract_addresses=tuple(sorted({a.lower() for a in meta.contract_addresses})),
             author_keys=tuple(sorted(authors)),
@@ -223,9 +231,11 @@ class Filter:
         return not (self.document_ids and record.document_id not in self.document_ids)
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """A chunk id with its score in one ranking (cosine for dense, BM25 for keyword)."""
+class Hit(NamedTuple):
+    """A chunk id with its score in one ranking (cosine for dense, BM25 for keyword).
+
+    A named tuple rather than a dataclass: a search makes a hundred of them, and a
+    tuple is built several times faster (``dict(hits)`` maps id to score)."""
 
     chunk_id: str
     score: float

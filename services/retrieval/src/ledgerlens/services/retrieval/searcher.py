@@ -29,7 +29,7 @@ from ledgerlens.services.retrieval.fusion import Fused, fuse
 from ledgerlens.services.retrieval.index import VectorBackend
 from ledgerlens.services.retrieval.indexer import IndexState
 from ledgerlens.services.retrieval.keyword import KeywordIndex
-from ledgerlens.services.retrieval.model import Hit
+from ledgerlens.services.retrieval.model import Hit, unit
 from ledgerlens.services.retrieval.requests import Query
 
 __all__ = ["SearchOutcome", "Searcher"]
@@ -102,7 +102,7 @@ class Searcher:
             except EmbeddingError as exc:
                 raise Unavailable(f"the query embedder failed: {exc}") from exc
             for text, raw in zip(missing, vectors, strict=True):
-                vector = np.asarray(raw, dtype=np.float32)
+                vector = unit(raw)
                 self._cache.put(text, vector)
                 found[text] = vector
         return [found[text] for text in texts]
@@ -134,7 +134,10 @@ class Searcher:
         dense: list[Hit] = []
         keyword: list[Hit] = []
         keyword_task = None
-        if query.fusion != retrieval_pb2.FUSION_MODE_DENSE:
+        if query.fusion == retrieval_pb2.FUSION_MODE_KEYWORD:
+            # nothing to overlap with: a hop to a worker thread costs more than it saves
+            keyword = self.keyword.search(query.text, query.filter, pool)
+        elif query.fusion != retrieval_pb2.FUSION_MODE_DENSE:
             # tantivy releases the GIL: BM25 runs on the other core meanwhile
             keyword_task = asyncio.ensure_future(
                 asyncio.to_thread(self.keyword.search, query.text, query.filter, pool)

@@ -17,6 +17,11 @@ class LocalIndexSettings(BaseModel):
     connectivity: int = Field(default=16, ge=4, le=128)
     expansion_add: int = Field(default=128, ge=8)
     expansion_search: int = Field(default=96, ge=8)
+    #: the precision of the vectors inside the graph. ``i8`` (the default) quantises
+    #: each unit vector to bytes: a quarter of the memory and distances about three
+    #: times cheaper than ``f32``. The graph only proposes candidates; they are scored
+    #: again exactly against the float32 vectors, so scores and order are exact.
+    graph_dtype: Literal["f32", "f16", "i8"] = "i8"
     #: a filter that leaves at most this many chunks is answered exactly (a scan of
     #: just those vectors); above it, the graph is searched and filtered.
     exact_threshold: int = Field(default=2048, ge=0)

@@ -102,6 +102,8 @@ class LocalBackend:
         self._alive = np.zeros(0, dtype=bool)
         self._doc_type = np.zeros(0, dtype=np.int16)
         self._published = np.zeros(0, dtype=np.float64)
+        #: chunk id by slot (None where free), so a search maps slots to ids in one step
+        self._chunk_ids = np.full(0, None, dtype=object)
         self._next_slot = 1
         self._generation = 0
         self._saved_generation = -1
@@ -113,7 +115,7 @@ class LocalBackend:
         return Index(
             ndim=self._dim,
             metric="cos",
-            dtype="f32",
+            dtype=self._settings.graph_dtype,
             connectivity=self._settings.connectivity,
             expansion_add=self._settings.expansion_add,
             expansion_search=self._settings.expansion_search,
@@ -162,7 +164,11 @@ class LocalBackend:
             info = json.loads(meta.read_text())
         except (OSError, ValueError):
             return False
-        if info.get("generation") != self._generation or info.get("size") != expected:
+        if (
+            info.get("generation") != self._generation
+            or info.get("size") != expected
+            or info.get("dtype", "f32") != self._settings.graph_dtype
+        ):
             log.info("HNSW snapshot is stale (%s vs generation %d)", info, self._generation)
             return False
         try:
@@ -185,7 +191,11 @@ class LocalBackend:
         self._ann.save(str(tmp_graph))
         os.replace(tmp_graph, graph)
         tmp_meta = meta.with_name(meta.name + ".tmp")
-        tmp_meta.write_text(json.dumps({"generation": generation, "size": size}))
+        tmp_meta.write_text(
+            json.dumps(
+                {"generation": generation, "size": size, "dtype": self._settings.graph_dtype}
+            )
+        )
         os.replace(tmp_meta, meta)
         self._saved_generation = generation
 
@@ -218,17 +228,21 @@ class LocalBackend:
         doc_type[: self._capacity] = self._doc_type
         published = np.full(capacity, np.nan)
         published[: self._capacity] = self._published
+        chunk_ids = np.full(capacity, None, dtype=object)
+        chunk_ids[: self._capacity] = self._chunk_ids
         # each array is replaced whole, so a concurrent search sees old or new, not half
-        self._vectors, self._alive, self._doc_type, self._published = (
+        self._vectors, self._alive, self._doc_type, self._published, self._chunk_ids = (
             vectors,
             alive,
             doc_type,
             published,
+            chunk_ids,
         )
         self._capacity = capacity
 
     def _place(self, slot: int, record: ChunkRecord) -> None:
         self._slot_of[record.chunk_id] = slot
+        self._chunk_ids[slot] = record.chunk_id
         self._records[slot] = record
         self._by_version[record.key].add(slot)
         self._vectors[slot] = record.vector
@@ -242,6 +256,7 @@ class LocalBackend:
     def _unplace(self, slot: int) -> None:
         record = self._records.pop(slot, None)
         self._alive[slot] = False
+        self._chunk_ids[slot] = None
         if record is None:
             return
         self._slot_of.pop(record.chunk_id, None)
@@ -376,7 +391,7 @@ class LocalBackend:
             return []
         query = np.asarray(vector, dtype=np.float32)
         if flt.empty:
-            return self._graph_search(query, min(k, total), None)[:k]
+            return self._graph_search(query, min(self._oversampled(k), total), None)[:k]
         mask = self.mask(flt)
         selected = np.flatnonzero(mask)
         if selected.size == 0:
@@ -408,21 +423,29 @@ class LocalBackend:
         mask = self.mask(flt) if not flt.empty else self._alive.copy()
         return self._exact(np.asarray(vector, dtype=np.float32), np.flatnonzero(mask), k)
 
+    def _oversampled(self, k: int) -> int:
+        """How many graph results to re-score exactly for the best ``k``: a quantised
+        graph's order is approximate near the cut, so it is asked for more (as many as
+        its search beam holds anyway, and at least twice ``k``)."""
+        if self._settings.graph_dtype == "f32":
+            return k
+        return max(2 * k, self._settings.expansion_search)
+
     def _graph_search(
         self, query: npt.NDArray[np.float32], count: int, mask: npt.NDArray[np.bool_] | None
     ) -> list[Hit]:
+        # The graph proposes candidates at its own precision; the survivors are scored
+        # exactly (the same dot product as _exact) and ordered by that score.
         matches = self._ann.search(query, count)
         keys = np.asarray(matches.keys, dtype=np.int64)
-        scores = 1.0 - np.asarray(matches.distances, dtype=np.float64)
         alive = self._alive if mask is None else mask
-        hits: list[Hit] = []
-        records = self._records
-        for key, score in zip(keys.tolist(), scores.tolist(), strict=True):
-            if key < alive.shape[0] and alive[key]:
-                record = records.get(key)
-                if record is not None:
-                    hits.append(Hit(record.chunk_id, score))
-        return hits
+        keys = keys[keys < alive.shape[0]]
+        keys = keys[alive[keys]]
+        if keys.size == 0:
+            return []
+        scores = self._vectors[keys] @ query
+        order = np.argsort(-scores, kind="stable")
+        return list(map(Hit, self._chunk_ids[keys[order]].tolist(), scores[order].tolist()))
 
     def _exact(
         self, query: npt.NDArray[np.float32], selected: npt.NDArray[np.int64], k: int
@@ -433,8 +456,7 @@ class LocalBackend:
         take = min(k, selected.size)
         top = np.argpartition(-scores, take - 1)[:take]
         top = top[np.argsort(-scores[top], kind="stable")]
-        records = self._records
-        return [Hit(records[int(selected[i])].chunk_id, float(scores[i])) for i in top.tolist()]
+        return list(map(Hit, self._chunk_ids[selected[top]].tolist(), scores[top].tolist()))
 
     def mask(self, flt: Filter) -> npt.NDArray[np.bool_]:
         """Slots passing ``flt`` (and alive), as a boolean array over all slots."""
