@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ledgerlens-setup
 PYPROJECTS := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 RUNTIME_SRC := libs/runtime/src/ledgerlens/runtime
-SERVICE_SRC := $(wildcard services/*/src/ledgerlens/services/*) libs/cli/src/ledgerlens/cli libs/embedding/src/ledgerlens/embedding
+SERVICE_SRC := $(wildcard services/*/src/ledgerlens/services/*) libs/cli/src/ledgerlens/cli libs/embedding/src/ledgerlens/embedding libs/fabric/src/ledgerlens/fabric
 
 .PHONY: setup protos fmt lint typecheck test up down bench eval
 

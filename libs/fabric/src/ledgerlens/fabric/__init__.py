@@ -1,0 +1,1 @@
+"""ledgerlens-fabric: a Hyperledger Fabric Gateway client on the official protos."""
