@@ -81,8 +81,15 @@ class ServiceEntry:
 
     @property
     def installed(self) -> bool:
+        """Runnable with ``python -m``: a plain module, or a package with ``__main__``
+        (a service's package can land before its entry point does)."""
         try:
-            return importlib.util.find_spec(self.module) is not None
+            spec = importlib.util.find_spec(self.module)
+            if spec is None:
+                return False
+            if spec.submodule_search_locations is None:
+                return True
+            return importlib.util.find_spec(f"{self.module}.__main__") is not None
         except ModuleNotFoundError:  # a parent package is missing
             return False
 
