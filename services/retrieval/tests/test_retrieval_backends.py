@@ -554,6 +554,7 @@ async def test_restart_keeps_everything(
     assert set(await backend.get([r.chunk_id for r in extra])) == {r.chunk_id for r in extra}
 
 
+@pytest.mark.parametrize("kind", ["local"])  # a setting of the local backend only
 async def test_graph_precision_change_rebuilds_the_snapshot(
     opener: Callable[..., Opener],
     dataset: list[ChunkRecord],
@@ -562,8 +563,6 @@ async def test_graph_precision_change_rebuilds_the_snapshot(
 ) -> None:
     """A snapshot written at one graph precision is not loaded at another: the graph
     is rebuilt, and either way the scores are exact cosines (the graph only proposes)."""
-    if kind != "local":
-        pytest.skip("graph precision is a setting of the local backend")
     one = opener(LocalIndexSettings(graph_dtype="f32"))
     backend = await one.open()
     await backend.upsert(dataset)
