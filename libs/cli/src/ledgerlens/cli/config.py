@@ -22,10 +22,12 @@ __all__ = [
     "DEFAULT_IDENTITY_TARGET",
     "DEFAULT_IDENTITY_URL",
     "DEFAULT_INGESTION_TARGET",
+    "DEFAULT_LEDGER_TARGET",
     "DEFAULT_RETRIEVAL_TARGET",
     "IDENTITY_TARGET_ENV",
     "IDENTITY_URL_ENV",
     "INGESTION_TARGET_ENV",
+    "LEDGER_TARGET_ENV",
     "REFRESH_MARGIN_SECONDS",
     "RETRIEVAL_TARGET_ENV",
     "CliConfig",
@@ -39,11 +41,13 @@ IDENTITY_TARGET_ENV = "LEDGERLENS_IDENTITY_TARGET"
 IDENTITY_URL_ENV = "LEDGERLENS_IDENTITY_URL"
 INGESTION_TARGET_ENV = "LEDGERLENS_INGESTION_TARGET"
 RETRIEVAL_TARGET_ENV = "LEDGERLENS_RETRIEVAL_TARGET"
+LEDGER_TARGET_ENV = "LEDGERLENS_LEDGER_TARGET"
 CONFIG_DIR_ENV = "LEDGERLENS_CONFIG_DIR"
 DEFAULT_IDENTITY_TARGET = "127.0.0.1:50051"
 DEFAULT_IDENTITY_URL = "http://127.0.0.1:8081"
 DEFAULT_INGESTION_TARGET = "127.0.0.1:50052"
 DEFAULT_RETRIEVAL_TARGET = "127.0.0.1:50053"
+DEFAULT_LEDGER_TARGET = "127.0.0.1:50055"
 CREDENTIALS_FILE = "credentials.json"
 #: a cached token this close to its expiry (seconds) is replaced before it is used,
 #: so it cannot expire between being read here and being checked by a service.
@@ -68,6 +72,7 @@ class CliConfig:
     identity_url: str = DEFAULT_IDENTITY_URL
     ingestion_target: str = DEFAULT_INGESTION_TARGET
     retrieval_target: str = DEFAULT_RETRIEVAL_TARGET
+    ledger_target: str = DEFAULT_LEDGER_TARGET
     config_dir: Path = field(default_factory=default_config_dir)
     timeout_seconds: float = 10.0
 

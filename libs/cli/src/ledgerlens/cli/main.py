@@ -7,16 +7,18 @@ from typing import Annotated
 
 import typer
 
-from ledgerlens.cli import identity, ingest, search
+from ledgerlens.cli import identity, ingest, ledger, search
 from ledgerlens.cli.config import (
     CONFIG_DIR_ENV,
     DEFAULT_IDENTITY_TARGET,
     DEFAULT_IDENTITY_URL,
     DEFAULT_INGESTION_TARGET,
+    DEFAULT_LEDGER_TARGET,
     DEFAULT_RETRIEVAL_TARGET,
     IDENTITY_TARGET_ENV,
     IDENTITY_URL_ENV,
     INGESTION_TARGET_ENV,
+    LEDGER_TARGET_ENV,
     RETRIEVAL_TARGET_ENV,
     CliConfig,
     default_config_dir,
@@ -69,6 +71,14 @@ def main(
             help="The retrieval service's gRPC address (host:port).",
         ),
     ] = DEFAULT_RETRIEVAL_TARGET,
+    ledger_target: Annotated[
+        str,
+        typer.Option(
+            "--ledger",
+            envvar=LEDGER_TARGET_ENV,
+            help="The ledger service's gRPC address (host:port).",
+        ),
+    ] = DEFAULT_LEDGER_TARGET,
     config_dir: Annotated[
         Path | None,
         typer.Option(
@@ -86,6 +96,7 @@ def main(
         identity_url=identity_url.rstrip("/"),
         ingestion_target=ingestion_target,
         retrieval_target=retrieval_target,
+        ledger_target=ledger_target,
         config_dir=config_dir if config_dir is not None else default_config_dir(),
         timeout_seconds=timeout,
     )
@@ -94,6 +105,7 @@ def main(
 identity.register(app)
 ingest.register(app)
 search.register(app)
+ledger.register(app)
 
 
 if __name__ == "__main__":
