@@ -108,6 +108,10 @@ def describe_rpc_error(
         extra.append(f"retry in {domain.retry_after:.0f}s")
     if code == grpc.StatusCode.UNAUTHENTICATED and authenticated:
         extra.append(LOGIN_HINT + " again")
+    if code == grpc.StatusCode.PERMISSION_DENIED and domain is not None:
+        scope = domain.metadata.get("scope", "")
+        if scope and scope not in line:
+            extra.append(f"needs scope {scope!r}")
     if extra:
         line += " (" + "; ".join(extra) + ")"
     return line

@@ -59,6 +59,7 @@ __all__ = [
     "is_unreachable",
     "print_summary",
     "register",
+    "rpc_failure",
     "stream_files",
 ]
 
@@ -269,6 +270,13 @@ def is_unreachable(error: grpc.aio.AioRpcError) -> bool:
         return False
     domain = from_rpc_error(error)
     return domain is None or domain.reason == error.code().name
+
+
+def rpc_failure(error: grpc.aio.AioRpcError, service: str, target: str) -> CliError:
+    """A failed call as the CLI's error: a service that cannot be reached is the
+    invocation's problem (exit 2), a refusal the command's (exit 1)."""
+    line = describe_rpc_error(error, service, target)
+    return UsageProblem(line) if is_unreachable(error) else CliError(line)
 
 
 async def stream_files(

@@ -45,10 +45,9 @@ from rich.text import Text
 
 from ledgerlens.cli.config import CliError
 from ledgerlens.cli.identity import CLI_RETRY, Session, config_of, describe_rpc_error
-from ledgerlens.cli.ingest import UsageProblem, is_unreachable
+from ledgerlens.cli.ingest import UsageProblem, rpc_failure
 from ledgerlens.ledger.v1 import ledger_pb2
 from ledgerlens.runtime.clients import ledger_client, static_token
-from ledgerlens.runtime.errors import from_rpc_error
 
 __all__ = [
     "DEFAULT_IDLE_SECONDS",
@@ -81,22 +80,6 @@ _EXIT_TROUBLE = 2
 
 
 # -- errors ----------------------------------------------------------------------------
-
-
-def _describe(error: grpc.aio.AioRpcError, target: str) -> str:
-    """One line for a person; PERMISSION_DENIED always names the scope it lacks."""
-    line = describe_rpc_error(error, SERVICE, target)
-    if error.code() == grpc.StatusCode.PERMISSION_DENIED:
-        domain = from_rpc_error(error)
-        scope = domain.metadata.get("scope", "") if domain is not None else ""
-        if scope and scope not in line:
-            line += f" (needs scope {scope!r})"
-    return line
-
-
-def _failure(error: grpc.aio.AioRpcError, target: str) -> CliError:
-    line = _describe(error, target)
-    return UsageProblem(line) if is_unreachable(error) else CliError(line)
 
 
 # -- verify: the file's digest -----------------------------------------------------------
@@ -182,7 +165,7 @@ async def _verify(
         try:
             response: ledger_pb2.VerifyDocumentResponse = await client.stub.VerifyDocument(request)
         except grpc.aio.AioRpcError as exc:
-            raise _failure(exc, target) from exc
+            raise rpc_failure(exc, SERVICE, target) from exc
     return response
 
 
@@ -453,8 +436,8 @@ async def stream_events(
                 run.count += 1
         except grpc.aio.AioRpcError as exc:
             if run.count == 0:
-                raise _failure(exc, target) from exc
-            run.aborted = _describe(exc, target)
+                raise rpc_failure(exc, SERVICE, target) from exc
+            run.aborted = describe_rpc_error(exc, SERVICE, target)
         finally:
             call.cancel()
 

@@ -26,8 +26,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ledgerlens.cli.config import CliError
-from ledgerlens.cli.identity import CLI_RETRY, Session, config_of, describe_rpc_error
-from ledgerlens.cli.ingest import DOC_TYPES, DocType, UsageProblem, is_unreachable
+from ledgerlens.cli.identity import CLI_RETRY, Session, config_of
+from ledgerlens.cli.ingest import DOC_TYPES, DocType, UsageProblem, rpc_failure
 from ledgerlens.common.v1 import common_pb2
 from ledgerlens.retrieval.v1 import retrieval_pb2
 from ledgerlens.runtime.clients import retrieval_client, static_token
@@ -149,10 +149,7 @@ async def _search(
         try:
             response: retrieval_pb2.SearchResponse = await client.stub.Search(request)
         except grpc.aio.AioRpcError as exc:
-            line = describe_rpc_error(exc, SERVICE, target)
-            if is_unreachable(exc):
-                raise UsageProblem(line) from exc
-            raise CliError(line) from exc
+            raise rpc_failure(exc, SERVICE, target) from exc
     return response
 
 
