@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from typer.testing import CliRunner, Result
 
 from ledgerlens.cli.main import app
-from ledgerlens.services.identity.app import RunningIdentity
+from ledgerlens.services.identity.app import RunningIdentity, run_identity
+from ledgerlens.services.identity.settings import Settings as IdentitySettings
+
+
+@asynccontextmanager
+async def identity_service(
+    database_url: str, nats_url: str, data_dir: Path
+) -> AsyncIterator[RunningIdentity]:
+    """A real identity service on free ports, for the commands to log in against."""
+    settings = IdentitySettings(
+        database_url=database_url,
+        nats_url=nats_url,
+        grpc_port=0,
+        http_port=0,
+        data_dir=str(data_dir),
+        shutdown_grace_seconds=1,
+    )
+    async with run_identity(settings) as running:
+        yield running
 
 
 @dataclass

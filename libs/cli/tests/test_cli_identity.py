@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from _cli_support import assert_one_line_error
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner, Result
@@ -104,18 +105,6 @@ def _field(stdout: str, label: str) -> str:
     raise AssertionError(f"no {label!r} line in {stdout!r}")
 
 
-def _assert_one_line_error(result: Result, *needles: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
 # -- login and the cache ---------------------------------------------------------------
 
 
@@ -145,7 +134,7 @@ async def test_login_prompts_for_the_secret_when_not_given(
 
 async def test_a_bad_secret_is_one_unauthenticated_line(cli: Cli, admin: tuple[str, str]) -> None:
     result = await cli("login", "--client-id", admin[0], "--client-secret", "not-the-secret")
-    line = _assert_one_line_error(result, "UNAUTHENTICATED")
+    line = assert_one_line_error(result, 1, "UNAUTHENTICATED")
     assert "not-the-secret" not in line
     assert not cli.credentials_file.exists()
 
@@ -154,13 +143,13 @@ async def test_an_unreachable_identity_names_the_address(tmp_path: Path) -> None
     target = f"127.0.0.1:{free_port()}"
     cli = Cli(_env(tmp_path / "config", target), tmp_path / "config")
     result = await cli("login", "--client-id", "llk_x", "--client-secret", "y")
-    _assert_one_line_error(result, "cannot reach identity", target)
+    assert_one_line_error(result, 1, "cannot reach identity", target)
 
 
 async def test_not_logged_in_says_to_log_in(cli: Cli) -> None:
     for args in (("token",), ("keys", "list"), ("certs", "revoke", "--serial", "ab")):
         result = await cli(*args)
-        _assert_one_line_error(result, "not logged in", "ledgerlens login")
+        assert_one_line_error(result, 1, "not logged in", "ledgerlens login")
 
 
 # -- token -----------------------------------------------------------------------------
@@ -251,7 +240,7 @@ async def test_keys_create_list_revoke(logged_in: Cli, stub: Any) -> None:
 
 async def test_field_violations_are_on_the_error_line(logged_in: Cli) -> None:
     result = await logged_in("keys", "create", "--name", "x", "--scope", "no:such-scope")
-    _assert_one_line_error(result, "INVALID_ARGUMENT", "scopes")
+    assert_one_line_error(result, 1, "INVALID_ARGUMENT", "scopes")
 
 
 async def test_a_missing_scope_is_permission_denied(cli: Cli, identity: RunningIdentity) -> None:
@@ -259,7 +248,7 @@ async def test_a_missing_scope_is_permission_denied(cli: Cli, identity: RunningI
     login = await cli("login", "--client-id", record.key_id, "--client-secret", secret)
     assert login.exit_code == 0, login.output
     result = await cli("keys", "list")
-    _assert_one_line_error(result, "PERMISSION_DENIED")
+    assert_one_line_error(result, 1, "PERMISSION_DENIED")
 
 
 async def test_usage_errors_exit_2(logged_in: Cli) -> None:
@@ -303,7 +292,7 @@ async def test_certs_enroll_writes_an_msp_and_revoke_puts_it_on_the_crl(
     assert "peer" in ous
 
     again = await logged_in("certs", "enroll", "--id", "peer0", "--out", str(out))
-    _assert_one_line_error(again, "--force")
+    assert_one_line_error(again, 1, "--force")
 
     serial = format(cert.serial_number, "x")
     revoked = await logged_in("certs", "revoke", "--serial", serial, "--reason", "keycompromise")
@@ -329,4 +318,4 @@ async def test_certs_revoke_by_enrollment_id(logged_in: Cli, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     assert "Revoked 2 certificate(s)" in result.stdout
     unknown = await logged_in("certs", "revoke", "--id", "nobody")
-    _assert_one_line_error(unknown, "NOT_FOUND")
+    assert_one_line_error(unknown, 1, "NOT_FOUND")

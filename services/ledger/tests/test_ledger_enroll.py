@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc.aio
 import pytest
+from _cli_support import assert_one_line_error, identity_service
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
@@ -34,8 +35,7 @@ from ledgerlens.fabric import Gateway, connect, load_identity, load_signer
 from ledgerlens.fabric.identity import Identity, digest, verify_signature
 from ledgerlens.fabric.testing import TestPeer
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
-from ledgerlens.services.identity.app import RunningIdentity, run_identity
-from ledgerlens.services.identity.settings import Settings as IdentitySettings
+from ledgerlens.services.identity.app import RunningIdentity
 from ledgerlens.services.ledger.__main__ import cli
 from ledgerlens.services.ledger.backend import FabricBackend
 from ledgerlens.services.ledger.contract import AnchoringContract
@@ -53,15 +53,7 @@ TOKEN_ENV = "LEDGERLENS_LEDGER_SERVICE_TOKEN"
 async def identity(
     sqlite_url: str, nats_url: str, tmp_path: Path
 ) -> AsyncIterator[RunningIdentity]:
-    settings = IdentitySettings(
-        database_url=sqlite_url,
-        nats_url=nats_url,
-        grpc_port=0,
-        http_port=0,
-        data_dir=str(tmp_path / "identity-data"),
-        shutdown_grace_seconds=1,
-    )
-    async with run_identity(settings) as running:
+    async with identity_service(sqlite_url, nats_url, tmp_path / "identity-data") as running:
         yield running
 
 
@@ -93,19 +85,6 @@ def enroll_args(identity: str, out: Path, *extra: str) -> list[str]:
         str(out),
         *extra,
     ]
-
-
-def one_line_error(result: Result, *needles: str) -> str:
-    """Exit 1, one line on stderr holding ``needles``, nothing on stdout, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def printed_env(stdout: str) -> dict[str, str]:
@@ -225,7 +204,7 @@ async def test_a_token_without_the_scope_is_permission_denied_naming_it(
     token = await token_with(identity, ["ledger:read"])
     out = tmp_path / "msp"
     result = await ledger_cli(*enroll_args(identity.grpc_address, out), env={TOKEN_ENV: token})
-    one_line_error(result, "PERMISSION_DENIED", "certs:enroll")
+    assert_one_line_error(result, 1, "PERMISSION_DENIED", "certs:enroll")
     assert not (out / "key.pem").exists()
     assert not (out / "cert.pem").exists()
 
@@ -235,7 +214,7 @@ async def test_a_bad_token_is_unauthenticated(identity: RunningIdentity, tmp_pat
         *enroll_args(identity.grpc_address, tmp_path / "msp", "--token-env", "MY_TOKEN"),
         env={"MY_TOKEN": "not.a.token"},
     )
-    line = one_line_error(result, "UNAUTHENTICATED", "certs:enroll")
+    line = assert_one_line_error(result, 1, "UNAUTHENTICATED", "certs:enroll")
     assert "not.a.token" not in line
 
 
@@ -244,7 +223,7 @@ async def test_no_token_is_refused_before_any_call(tmp_path: Path) -> None:
         *enroll_args("127.0.0.1:1", tmp_path / "msp", "--token-env", "UNSET_TOKEN_VAR"),
         env={"UNSET_TOKEN_VAR": "", TOKEN_ENV: ""},
     )
-    one_line_error(result, "no token", "UNSET_TOKEN_VAR", "certs:enroll")
+    assert_one_line_error(result, 1, "no token", "UNSET_TOKEN_VAR", "certs:enroll")
 
 
 async def test_an_existing_key_is_kept_without_force(
@@ -258,7 +237,7 @@ async def test_an_existing_key_is_kept_without_force(
     cert_before = (out / "cert.pem").read_bytes()
 
     refused = await ledger_cli(*enroll_args(identity.grpc_address, out), env={TOKEN_ENV: token})
-    one_line_error(refused, str(out / "key.pem"), "exists", "--force")
+    assert_one_line_error(refused, 1, str(out / "key.pem"), "exists", "--force")
     assert (out / "key.pem").read_bytes() == key_before
     assert (out / "cert.pem").read_bytes() == cert_before
 
@@ -281,7 +260,7 @@ async def test_invalid_argument_names_the_violations(
         *enroll_args(identity.grpc_address, tmp_path / "msp", "--profile", "no-such-profile"),
         env={TOKEN_ENV: token},
     )
-    one_line_error(result, "INVALID_ARGUMENT", "profile:")
+    assert_one_line_error(result, 1, "INVALID_ARGUMENT", "profile:")
     assert not (tmp_path / "msp" / "key.pem").exists()
 
 
@@ -291,6 +270,6 @@ async def test_unreachable_identity_is_one_line(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     target = f"127.0.0.1:{port}"
     result = await ledger_cli(*enroll_args(target, tmp_path / "msp"), env={TOKEN_ENV: "t"})
-    one_line_error(result, f"cannot reach identity at {target}", "UNAVAILABLE")
+    assert_one_line_error(result, 1, f"cannot reach identity at {target}", "UNAVAILABLE")
     with pytest.raises(EnrollError, match="cannot reach identity"):
         await enroll_identity(target, "t", ENROLLMENT_ID, MSP, tmp_path / "msp", call_timeout=3)
