@@ -18,12 +18,6 @@ from typing import Any, TypeVar
 import grpc
 from fabric_protos.gateway import gateway_pb2, gateway_pb2_grpc
 from fabric_protos.peer import proposal_pb2, transaction_pb2
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
 from ledgerlens.fabric import errors, protocol
 from ledgerlens.fabric.events import (
@@ -31,6 +25,7 @@ from ledgerlens.fabric.events import (
     ChaincodeEventStream,
     Checkpoint,
     ReconnectPolicy,
+    backoff_retrying,
 )
 from ledgerlens.fabric.identity import Identity, Signer, digest
 
@@ -334,17 +329,11 @@ class Contract:
         if self.gateway.signer is None:
             raise ValueError("submit needs a gateway with a signer; sign step by step instead")
         policy = retry or self.gateway.retry
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(max(1, policy.max_attempts)),
-            wait=wait_exponential_jitter(
-                multiplier=policy.initial_backoff,
-                max=policy.max_backoff,
-                jitter=policy.initial_backoff,
-            ),
-            retry=retry_if_exception(
-                lambda e: isinstance(e, errors.CommitError) and e.validation_code in policy.retry_on
-            ),
-            reraise=True,
+        retrying = backoff_retrying(
+            policy.max_attempts,
+            policy.initial_backoff,
+            policy.max_backoff,
+            lambda e: isinstance(e, errors.CommitError) and e.validation_code in policy.retry_on,
         )
         attempts = 0
         try:

@@ -61,6 +61,24 @@ class ReconnectPolicy:
     )
 
 
+def backoff_retrying(
+    max_attempts: int,
+    initial_backoff: float,
+    max_backoff: float,
+    retry_if: Callable[[BaseException], bool],
+) -> AsyncRetrying:
+    """At most ``max_attempts`` tries of what ``retry_if`` accepts, exponential backoff
+    with jitter between them: the shape of both the submit retry and the reconnect."""
+    return AsyncRetrying(
+        stop=stop_after_attempt(max(1, max_attempts)),
+        wait=wait_exponential_jitter(
+            multiplier=initial_backoff, max=max_backoff, jitter=initial_backoff
+        ),
+        retry=retry_if_exception(retry_if),
+        reraise=True,
+    )
+
+
 # returns a grpc.aio UnaryStreamCall (read() / cancel())
 OpenStream = Callable[[Checkpoint | None], Any]
 
@@ -103,15 +121,8 @@ class ChaincodeEventStream:
     async def _connect(self) -> tuple[Any, Any]:
         """Opens the stream and reads its first block, retrying connection failures."""
         policy = self._policy
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(max(1, policy.max_attempts)),
-            wait=wait_exponential_jitter(
-                multiplier=policy.initial_backoff,
-                max=policy.max_backoff,
-                jitter=policy.initial_backoff,
-            ),
-            retry=retry_if_exception(self._reconnectable),
-            reraise=True,
+        retrying = backoff_retrying(
+            policy.max_attempts, policy.initial_backoff, policy.max_backoff, self._reconnectable
         )
         try:
             async for attempt in retrying:
