@@ -16,13 +16,14 @@ from typing import Any
 import grpc.aio
 import pytest
 from _cli_support import Cli, assert_one_line_error, cli_env, logged_in
+from _ingestion_support import run_ingestion_in
 
 from ledgerlens.embedding.testing import CachingEmbedder
 from ledgerlens.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 from ledgerlens.runtime.net import free_port
 from ledgerlens.runtime.testing import EventNames
 from ledgerlens.services.identity.app import RunningIdentity
-from ledgerlens.services.ingestion.app import ANCHOR_CONSUMER, RunningIngestion, run_ingestion
+from ledgerlens.services.ingestion.app import RunningIngestion
 from ledgerlens.services.ingestion.settings import Settings as IngestionSettings
 
 pytestmark = pytest.mark.integration
@@ -86,13 +87,7 @@ async def ingestion(
             "auth": {"jwks_url": f"{identity.http_url}/.well-known/jwks.json"},
         }
     )
-    async with run_ingestion(
-        settings,
-        embedder=cached_embedder,
-        streams=event_names.platform_streams(),
-        anchor_consumer=event_names.consumer(ANCHOR_CONSUMER),
-        subject=event_names.subject,
-    ) as running:
+    async with run_ingestion_in(event_names, settings, cached_embedder) as running:
         yield running
 
 

@@ -10,19 +10,15 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from _ingestion_support import run_ingestion_in
+
 from ledgerlens.runtime.testing import EventNames
-from ledgerlens.services.ingestion.app import ANCHOR_CONSUMER, run_ingestion
 from ledgerlens.services.ingestion.settings import Settings
 
 
 async def main(token: str) -> None:
     names = EventNames(token)
-    async with run_ingestion(
-        Settings(),
-        streams=names.platform_streams(),
-        anchor_consumer=names.consumer(ANCHOR_CONSUMER),
-        subject=names.subject,
-    ) as running:
+    async with run_ingestion_in(names, Settings()) as running:
         running.server.install_signal_handlers()
         print(f"PORT {running.server.bound_port}", flush=True)
         await running.server.wait_for_termination()

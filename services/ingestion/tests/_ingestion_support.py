@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import os
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ledgerlens.embedding import Embedder
 from ledgerlens.ingestion.v1 import ingestion_pb2_grpc
 from ledgerlens.runtime.testing import EventNames
-from ledgerlens.services.ingestion.app import RunningIngestion
+from ledgerlens.services.ingestion.app import ANCHOR_CONSUMER, RunningIngestion, run_ingestion
 from ledgerlens.services.ingestion.settings import Settings
 
 CORPUS_ENV = "LEDGERLENS_CORPUS_DIR"
+
+
+def run_ingestion_in(
+    names: EventNames, settings: Settings, embedder: Embedder | None = None
+) -> AbstractAsyncContextManager[RunningIngestion]:
+    """``run_ingestion`` in a test's own NATS namespace: its streams, its anchor
+    consumer and its subjects, so tests running side by side never see each other."""
+    return run_ingestion(
+        settings,
+        embedder=embedder,
+        streams=names.platform_streams(),
+        anchor_consumer=names.consumer(ANCHOR_CONSUMER),
+        subject=names.subject,
+    )
 
 
 def find_corpus() -> Path | None:

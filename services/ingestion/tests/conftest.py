@@ -11,13 +11,12 @@ from typing import Any
 import grpc.aio
 import pytest
 import pytest_asyncio
-from _ingestion_support import CORPUS_ENV, Harness, find_corpus
+from _ingestion_support import CORPUS_ENV, Harness, find_corpus, run_ingestion_in
 
 from ledgerlens.embedding.testing import CachingEmbedder
 from ledgerlens.ingestion.v1 import ingestion_pb2_grpc
 from ledgerlens.runtime.auth import DevTokenIssuer
 from ledgerlens.runtime.testing import EventNames
-from ledgerlens.services.ingestion.app import ANCHOR_CONSUMER, run_ingestion
 from ledgerlens.services.ingestion.settings import Settings
 
 
@@ -89,13 +88,7 @@ async def start_ingestion(
     async def start(**overrides: Any) -> AsyncIterator[Harness]:
         settings = make_settings(**overrides)
         async with (
-            run_ingestion(
-                settings,
-                embedder=cached_embedder,
-                streams=event_names.platform_streams(),
-                anchor_consumer=event_names.consumer(ANCHOR_CONSUMER),
-                subject=event_names.subject,
-            ) as running,
+            run_ingestion_in(event_names, settings, cached_embedder) as running,
             grpc.aio.insecure_channel(
                 running.grpc_address,
                 options=[("grpc.max_send_message_length", settings.max_message_bytes)],

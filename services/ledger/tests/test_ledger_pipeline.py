@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc.aio
 import pytest
-from _ingestion_support import CORPUS_ENV, find_corpus, wait_published
+from _ingestion_support import CORPUS_ENV, find_corpus, run_ingestion_in, wait_published
 from _service_support import ANCHOR_SUBJECT, Harness, published
 from nats.aio.msg import Msg
 
@@ -26,7 +26,6 @@ from ledgerlens.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 from ledgerlens.ledger.v1 import ledger_pb2
 from ledgerlens.runtime.events import EventBus
 from ledgerlens.runtime.testing import EventNames, eventually
-from ledgerlens.services.ingestion.app import ANCHOR_CONSUMER, run_ingestion
 from ledgerlens.services.ingestion.settings import Settings as IngestionSettings
 
 pytestmark = pytest.mark.integration
@@ -124,13 +123,7 @@ def start_ingestion(
     @asynccontextmanager
     async def start() -> AsyncIterator[Ingestion]:
         async with (
-            run_ingestion(
-                settings,
-                embedder=cached_embedder,
-                streams=event_names.platform_streams(),
-                anchor_consumer=event_names.consumer(ANCHOR_CONSUMER),
-                subject=event_names.subject,
-            ) as running,
+            run_ingestion_in(event_names, settings, cached_embedder) as running,
             grpc.aio.insecure_channel(running.grpc_address) as channel,
         ):
             yield Ingestion(ingestion_pb2_grpc.IngestionServiceStub(channel), settings.database_url)

@@ -10,14 +10,13 @@ from typing import Any
 
 import grpc.aio
 import pytest
-from _ingestion_support import find_corpus
+from _ingestion_support import find_corpus, run_ingestion_in
 
 from ledgerlens.embedding.testing import CachingEmbedder
 from ledgerlens.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 from ledgerlens.retrieval.v1 import retrieval_pb2
 from ledgerlens.runtime.auth import DevTokenIssuer
 from ledgerlens.runtime.testing import EventNames
-from ledgerlens.services.ingestion.app import ANCHOR_CONSUMER, run_ingestion
 from ledgerlens.services.ingestion.settings import Settings as IngestionSettings
 
 pytestmark = pytest.mark.integration
@@ -55,13 +54,7 @@ async def test_ingested_documents_become_searchable_and_versions_replace_each_ot
     )
     async with (
         start_retrieval() as retrieval,
-        run_ingestion(
-            ingestion_settings,
-            embedder=cached_embedder,
-            streams=event_names.platform_streams(),
-            anchor_consumer=event_names.consumer(ANCHOR_CONSUMER),
-            subject=event_names.subject,
-        ) as ingestion,
+        run_ingestion_in(event_names, ingestion_settings, cached_embedder) as ingestion,
         grpc.aio.insecure_channel(ingestion.grpc_address) as channel,
     ):
         stub = ingestion_pb2_grpc.IngestionServiceStub(channel)
