@@ -13,7 +13,7 @@ from ledgerlens.runtime.migrations import alembic_config
 from ledgerlens.services.ledger.devledger import migrate
 from ledgerlens.services.ledger.devledger.migrate import MIGRATIONS_DIR
 
-TABLES = {"devledger_blocks", "devledger_transactions", "devledger_state"}
+TABLES = {"devledger_blocks", "devledger_transactions", "devledger_state", "devledger_pending"}
 
 
 async def _tables(url: str) -> set[str]:

@@ -184,6 +184,20 @@ class Endorsement:
         return not self.rwset.writes
 
     def to_json(self, validation_code: str) -> dict[str, Any]:
+        """Its block entry: the transaction and the validation code it got."""
+        return {**self._body(), "validation_code": validation_code}
+
+    def to_bytes(self) -> bytes:
+        """The transaction alone (no validation code yet), canonical JSON: how a
+        submitted transaction waits in ``devledger_pending`` for the block cutter."""
+        return canonical_json(self._body())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Endorsement:
+        """The inverse of :meth:`to_bytes`."""
+        return cls._from_body(json.loads(data))
+
+    def _body(self) -> dict[str, Any]:
         return {
             "tx_id": self.tx_id,
             "chaincode": self.chaincode,
@@ -198,14 +212,17 @@ class Endorsement:
                 if self.event
                 else None
             ),
-            "validation_code": validation_code,
         }
 
     @classmethod
     def from_block_entry(cls, value: dict[str, Any]) -> tuple[Endorsement, str]:
         """An endorsement from its block entry, with its validation code."""
+        return cls._from_body(value), value["validation_code"]
+
+    @classmethod
+    def _from_body(cls, value: dict[str, Any]) -> Endorsement:
         event = value["event"]
-        endorsement = cls(
+        return cls(
             tx_id=value["tx_id"],
             chaincode=value["chaincode"],
             function=value["function"],
@@ -216,7 +233,6 @@ class Endorsement:
             rwset=ReadWriteSet.from_json(value["chaincode"], value["rwset"]),
             event=ChaincodeEventData(event["name"], _unb64(event["payload"])) if event else None,
         )
-        return endorsement, value["validation_code"]
 
 
 def block_data(transactions: list[tuple[Endorsement, str]]) -> bytes:

@@ -9,7 +9,11 @@ The flow is Fabric's, so a client written against it behaves the same on a netwo
    written. A :class:`~ledgerlens.fabric.chaincode.ChaincodeError` is a refusal
    (:class:`EndorsementRefused`).
 2. **order and commit** (:meth:`DevLedger.commit`, or :meth:`DevLedger.submit` and the
-   block cutter): a batch of endorsements becomes one block. Each transaction is
+   block cutter): a batch of endorsements becomes one block. A submitted transaction is
+   first written to ``devledger_pending`` (committed before :meth:`~DevLedger.submit`
+   returns) and leaves it in the database transaction of its block, so a crash loses
+   nothing a submit acknowledged: :meth:`DevLedger.open` cuts what a crashed process
+   left there, in submit order, before it returns. Each transaction is
    validated in order, as a peer's committer does: a repeated tx id is
    ``DUPLICATE_TXID``; a read whose version is no longer current (counting the
    writes of earlier valid transactions of the same block) is
@@ -48,6 +52,7 @@ from typing import Any, Final, Literal
 
 from fabric_protos.peer import transaction_pb2
 from sqlalchemy import ColumnElement, Connection, and_, delete, func, insert, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -69,7 +74,12 @@ from ledgerlens.services.ledger.devledger.blocks import (
     sha256_hex,
     validation_code_name,
 )
-from ledgerlens.services.ledger.devledger.schema import BlockRow, StateRow, TransactionRow
+from ledgerlens.services.ledger.devledger.schema import (
+    BlockRow,
+    PendingRow,
+    StateRow,
+    TransactionRow,
+)
 
 __all__ = [
     "Checkpoint",
@@ -432,8 +442,13 @@ class DevLedger:
         self._height = 0
         self._commit_lock = asyncio.Lock()
         self._block_signal = asyncio.Event()
-        self._pending: dict[str, Endorsement] = {}
+        #: what the cutter has to order, by tx id: (its ``devledger_pending`` seq, it)
+        self._pending: dict[str, tuple[int, Endorsement]] = {}
         self._cutter: asyncio.Task[None] | None = None
+        #: submits waiting for their ``devledger_pending`` row (written together: one
+        #: database commit for every submit that arrived meanwhile)
+        self._to_persist: list[tuple[Endorsement, asyncio.Future[None]]] = []
+        self._persister: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -447,9 +462,15 @@ class DevLedger:
         batch_timeout: float = 0.05,
         max_batch_size: int = 500,
         poll_interval: float = 1.0,
+        recover_pending: bool = True,
     ) -> DevLedger:
-        """Opens the ledger: writes the genesis block of an empty one, then verifies the
-        whole chain (:class:`LedgerCorruptedError` when it does not verify).
+        """Opens the ledger: writes the genesis block of an empty one, verifies the
+        whole chain (:class:`LedgerCorruptedError` when it does not verify), then cuts
+        into blocks every transaction a previous process submitted and did not cut
+        (``devledger_pending``, in submit order) before it returns.
+
+        ``recover_pending=False`` leaves those alone (an observer: a tool or a test
+        that only reads; its :meth:`status` still reports them ``pending``).
 
         ``batch_timeout`` and ``max_batch_size`` drive the block cutter of
         :meth:`submit`; ``poll_interval`` bounds how late a waiter notices a block
@@ -468,7 +489,31 @@ class DevLedger:
         if verify:
             await ledger.verify_chain()
         ledger._height = await ledger._stored_height()
+        if recover_pending:
+            await ledger._recover_pending()
         return ledger
+
+    async def _recover_pending(self) -> None:
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(PendingRow.seq, PendingRow.endorsement).order_by(PendingRow.seq)
+                )
+            ).all()
+        if not rows:
+            return
+        for row in rows:
+            endorsement = Endorsement.from_bytes(bytes(row.endorsement))
+            self._pending.setdefault(endorsement.tx_id, (int(row.seq), endorsement))
+        first = self._height
+        while self._pending:
+            await self.commit(self._next_batch())
+        log.warning(
+            "cut %d transactions submitted before a crash into blocks %d to %d",
+            len(rows),
+            first,
+            self._height - 1,
+        )
 
     async def close(self, grace: float = 10.0) -> None:
         """Commits what was submitted and not yet cut into a block (for at most ``grace``
@@ -480,7 +525,11 @@ class DevLedger:
         try:
             await asyncio.wait_for(asyncio.shield(cutter), grace)
         except TimeoutError:
-            log.warning("closing with %d uncommitted transactions", len(self._pending))
+            log.warning(
+                "closing with %d transactions not cut into a block (they stay in "
+                "devledger_pending and are cut when the ledger opens again)",
+                len(self._pending),
+            )
             cutter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await cutter
@@ -559,17 +608,109 @@ class DevLedger:
     async def submit(self, endorsement: Endorsement) -> None:
         """Hands an endorsement to the orderer: it is ``pending`` until the block cutter
         commits it (after ``batch_timeout``, or at once when ``max_batch_size`` are waiting).
-        Pending transactions live in this process only, like an orderer's unsent batch."""
-        self._pending.setdefault(endorsement.tx_id, endorsement)
-        if self._cutter is None:
-            self._cutter = asyncio.create_task(self._cut_blocks(), name="devledger-block-cutter")
+
+        When this returns, the transaction is durable: it is in ``devledger_pending``
+        (committed), and a crash before its block leaves it to the next :meth:`open`.
+        A tx id already pending is not queued again; one already committed is (it is
+        cut as ``DUPLICATE_TXID``, as a peer records a replayed transaction).
+        """
+        if endorsement.tx_id in self._pending:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._to_persist.append((endorsement, done))
+        if self._persister is None:
+            self._persister = asyncio.create_task(
+                self._persist_pending(), name="devledger-pending-writer"
+            )
+        await done
+
+    async def _persist_pending(self) -> None:
+        """Writes what :meth:`submit` queued to ``devledger_pending``, all that arrived
+        meanwhile in one database transaction (group commit), then hands it to the cutter
+        and resolves the submits (with the error, when the write failed)."""
+        batch: list[tuple[Endorsement, asyncio.Future[None]]] = []
+        try:
+            while self._to_persist:
+                batch, self._to_persist = self._to_persist, []
+                try:
+                    queued = await self._write_pending([e for e, _ in batch])
+                except (SQLAlchemyError, OSError) as exc:  # each waiting submit raises it
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                for seq, endorsement in queued:
+                    self._pending.setdefault(endorsement.tx_id, (seq, endorsement))
+                if self._cutter is None:
+                    self._cutter = asyncio.create_task(
+                        self._cut_blocks(), name="devledger-block-cutter"
+                    )
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._persister = None
+            for _, done in batch + self._to_persist:  # cancelled, or a bug: not acknowledged
+                if not done.done():
+                    done.cancel()
+
+    async def _write_pending(
+        self, endorsements: list[Endorsement]
+    ) -> list[tuple[int, Endorsement]]:
+        """Inserts a row per endorsement in one committed transaction; returns each one's
+        seq, or the seq and transaction of the row already there for its tx id (the first
+        submit of a tx id is the one ordered, as before)."""
+        stamp = format_time(datetime.now(UTC))
+        queued: list[tuple[int, Endorsement]] = []
+        async with self.engine.begin() as conn:
+            for endorsement in endorsements:
+                values = {
+                    "tx_id": endorsement.tx_id,
+                    "submitted_at": stamp,
+                    "endorsement": endorsement.to_bytes(),
+                }
+                while True:
+                    seq = await self._insert_pending(conn, values)
+                    if seq is not None:
+                        queued.append((seq, endorsement))
+                        break
+                    row = (
+                        await conn.execute(
+                            select(PendingRow.seq, PendingRow.endorsement).where(
+                                PendingRow.tx_id == endorsement.tx_id
+                            )
+                        )
+                    ).first()
+                    if row is not None:
+                        queued.append(
+                            (int(row.seq), Endorsement.from_bytes(bytes(row.endorsement)))
+                        )
+                        break
+                    # cut into a block between the insert and the read: insert again
+        return queued
+
+    @staticmethod
+    async def _insert_pending(conn: AsyncConnection, values: dict[str, Any]) -> int | None:
+        """The new row's seq, or None when the tx id is already pending (the dev ledger
+        runs on SQLite and PostgreSQL, which both say ON CONFLICT DO NOTHING)."""
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(PendingRow).on_conflict_do_nothing(
+            index_elements=[PendingRow.tx_id]
+        )
+        seq = await conn.scalar(statement.values(values).returning(PendingRow.seq))
+        return int(seq) if seq is not None else None
+
+    def _next_batch(self) -> list[Endorsement]:
+        """The next block's transactions: the oldest pending, in submit order."""
+        queued = sorted(self._pending.values(), key=lambda item: item[0])
+        return [endorsement for _, endorsement in queued[: self._max_batch_size]]
 
     async def _cut_blocks(self) -> None:
         try:
             while self._pending:
                 if len(self._pending) < self._max_batch_size:
                     await asyncio.sleep(self._batch_timeout)
-                batch = list(self._pending.values())[: self._max_batch_size]
+                batch = self._next_batch()
                 try:
                     await self.commit(batch)
                 except (SQLAlchemyError, OSError):
@@ -648,6 +789,9 @@ class DevLedger:
             if tx_rows:
                 await conn.execute(insert(TransactionRow), tx_rows)
             await self._apply_writes(conn, block_writes)
+            # out of the orderer's queue in the transaction that puts them in the block
+            for chunk in _chunks(sorted({e.tx_id for e in endorsements})):
+                await conn.execute(delete(PendingRow).where(PendingRow.tx_id.in_(chunk)))
         return CommittedBlock(
             number=number,
             hash=digest,
@@ -763,10 +907,15 @@ class DevLedger:
     # -- status ----------------------------------------------------------------------------
 
     async def status(self, tx_id: str) -> TxStatus:
-        # pending first: a transaction leaves ``_pending`` only after its block committed
+        # pending first: a transaction leaves ``_pending`` (and ``devledger_pending``, in
+        # the block's own database transaction) only once its block committed, so no
+        # moment answers "unknown" for it
         if tx_id in self._pending:
             return TxStatus(tx_id, "pending")
         async with self.engine.connect() as conn:
+            pending = await conn.scalar(select(PendingRow.seq).where(PendingRow.tx_id == tx_id))
+            if pending is not None:  # submitted by another (or a crashed) process
+                return TxStatus(tx_id, "pending")
             row = (
                 await conn.execute(
                     select(

@@ -6,6 +6,12 @@ events in ledger order) and ``devledger_state`` (the world state with each key's
 version) are indexes derived from the blocks, written in the same database
 transaction as the block they come from.
 
+``devledger_pending`` is the orderer's queue made durable: every transaction handed to
+the block cutter (:meth:`DevLedger.submit`) is written there, in a committed database
+transaction of its own, before the submit returns, and leaves it in the database
+transaction that writes the block containing it. ``seq`` is the submit order; a
+ledger opening after a crash cuts what is left in that order before anything else.
+
 Keys are stored as bytes (their UTF-8 encoding): Fabric composite keys contain NUL,
 which PostgreSQL text cannot hold, and bytewise order is Fabric's key order in SQLite
 (``memcmp``) and PostgreSQL (``bytea``) alike. Every table has the ``devledger_``
@@ -20,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ledgerlens.runtime.db import new_metadata
 
-__all__ = ["VERSION_TABLE", "Base", "BlockRow", "StateRow", "TransactionRow"]
+__all__ = ["VERSION_TABLE", "Base", "BlockRow", "PendingRow", "StateRow", "TransactionRow"]
 
 #: alembic's version table of this history (not the default ``alembic_version``).
 VERSION_TABLE = "devledger_alembic_version"
@@ -73,3 +79,19 @@ class StateRow(Base):
     value: Mapped[bytes] = mapped_column(LargeBinary)
     block_number: Mapped[int] = mapped_column(BigInteger)
     tx_number: Mapped[int] = mapped_column(Integer)
+
+
+class PendingRow(Base):
+    """A submitted transaction not yet in a block (at most one row per tx id)."""
+
+    __tablename__ = "devledger_pending"
+
+    #: the submit order (SQLite's INTEGER PRIMARY KEY is its rowid, so it counts too).
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    tx_id: Mapped[str] = mapped_column(String(128), unique=True)
+    #: RFC 3339 UTC with microseconds: how long it has waited, for people.
+    submitted_at: Mapped[str] = mapped_column(String(32))
+    #: :meth:`Endorsement.to_bytes`: everything the cutter validates and records.
+    endorsement: Mapped[bytes] = mapped_column(LargeBinary)
