@@ -108,12 +108,18 @@ class ConsumerSpec:
     #: nak delay after the n-th failed delivery: min(cap, base * 2 ** (n - 1)).
     backoff_base_seconds: float = 1.0
     backoff_max_seconds: float = 60.0
+    #: the server deletes the durable after this many seconds without a subscriber
+    #: pulling from it; None keeps it forever (the platform's own consumers). For
+    #: durables named after something short-lived, e.g. one pod.
+    inactive_threshold_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_deliver < 1:
             raise ValueError("max_deliver must be at least 1")
         if self.batch < 1:
             raise ValueError("batch must be at least 1")
+        if self.inactive_threshold_seconds is not None and self.inactive_threshold_seconds <= 0:
+            raise ValueError("inactive_threshold_seconds must be positive (or None)")
 
     def to_config(self) -> api.ConsumerConfig:
         return api.ConsumerConfig(
@@ -127,6 +133,8 @@ class ConsumerSpec:
             filter_subject=self.filter_subject,
             max_ack_pending=self.max_ack_pending,
             replay_policy=api.ReplayPolicy.INSTANT,
+            # seconds here; nats-py sends nanoseconds on the wire.
+            inactive_threshold=self.inactive_threshold_seconds,
         )
 
     def to_json(self) -> dict[str, Any]:

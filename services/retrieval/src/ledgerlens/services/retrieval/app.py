@@ -66,13 +66,19 @@ def create_backend(settings: Settings, store: Store, dimensions: int) -> VectorB
     return LocalBackend(store, settings.data_dir, dimensions, settings.local)
 
 
-def replica_consumer(spec: ConsumerSpec, replica: str) -> ConsumerSpec:
+def replica_consumer(
+    spec: ConsumerSpec, replica: str, idle_seconds: float | None = None
+) -> ConsumerSpec:
     """The consumer of one replica: every replica keeps a whole index, so each reads
-    every event through a durable of its own."""
+    every event through a durable of its own.
+
+    A replica is usually a pod, and a replaced pod never returns to its durables, so
+    the server deletes them after ``idle_seconds`` without a pull (None: kept).
+    """
     if not replica:
         return spec
     durable = spec.durable.replace("retrieval--", f"retrieval-{replica}--", 1)
-    return dataclasses.replace(spec, durable=durable)
+    return dataclasses.replace(spec, durable=durable, inactive_threshold_seconds=idle_seconds)
 
 
 @asynccontextmanager
@@ -138,7 +144,10 @@ async def run_retrieval(
         }
         for message_type, handler in handlers.items():
             spec = _consumer_for(consumers, message_type)
-            await bus.subscribe(replica_consumer(spec, settings.replica), message_type, handler)  # type: ignore[arg-type]
+            consumer = replica_consumer(
+                spec, settings.replica, settings.replica_consumer_idle_seconds
+            )
+            await bus.subscribe(consumer, message_type, handler)  # type: ignore[arg-type]
 
         app = build_ops_app(
             "retrieval",

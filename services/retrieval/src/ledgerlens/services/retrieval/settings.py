@@ -63,7 +63,12 @@ class Settings(ServiceSettings):
 
     #: this replica's name; each replica keeps its own index and so its own durable
     #: consumers (``retrieval-<replica>--…``). Empty: the platform's consumer names.
-    replica: str = Field(default="", pattern=r"^[a-z0-9-]{0,40}$")
+    #: A DNS label, so a Kubernetes pod name fits (the chart sets it to the pod's name).
+    replica: str = Field(default="", pattern=r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)?$")
+    #: a replica's durables are deleted by the server after this many seconds without
+    #: a pull (a replaced pod never comes back for them). Not applied to the platform's
+    #: consumer names (``replica`` empty), which are kept forever.
+    replica_consumer_idle_seconds: float = Field(default=3600.0, gt=0)
 
     #: the most results one search returns (``top_k`` above it is INVALID_ARGUMENT).
     max_top_k: int = Field(default=100, ge=1, le=1000)

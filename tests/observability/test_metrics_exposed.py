@@ -1,0 +1,81 @@
+"""Every metric the dashboards, rules and adapter rules query is one the running
+services expose on /metrics (see conftest.py for how they run)."""
+
+from __future__ import annotations
+
+import pytest
+from _promql import (
+    NOT_FROM_SERVICES,
+    Query,
+    all_infra_queries,
+    recorded_names,
+    reference_problems,
+    selectors,
+)
+from _stack import GRPC_SERVICES, Exposition
+
+pytestmark = pytest.mark.integration
+
+RPC = "ledgerlens_rpc_server_duration_seconds"
+
+
+def test_every_referenced_metric_and_label_is_exposed(exposition: Exposition) -> None:
+    queries = all_infra_queries()
+    problems = reference_problems(queries, exposition.labels, exposition.values, recorded_names())
+    assert not problems, "\n".join(problems)
+
+
+def test_every_service_serves_its_rpc_histogram(exposition: Exposition) -> None:
+    for svc, grpc_service in GRPC_SERVICES.items():
+        assert f'service="{grpc_service}"' in exposition.texts[svc], svc
+        assert svc in exposition.exposed_by[f"{RPC}_bucket"], svc
+    assert set(GRPC_SERVICES.values()) <= exposition.values[(f"{RPC}_count", "service")]
+
+
+def test_the_pipeline_really_ran_in_this_stack(exposition: Exposition) -> None:
+    """The event metrics carry this run's own subjects: what the check saw was produced by
+    the services it started, not left in the registry by another test."""
+    names = exposition.names
+    assert names is not None
+    published = exposition.values[("ledgerlens_events_published_total", "subject")]
+    consumed = exposition.values[("ledgerlens_events_consumed_total", "subject")]
+    for subject in (
+        "ledgerlens.ingestion.document.ingested.v1",
+        "ledgerlens.ingestion.chunks.embedded.v1",
+        "ledgerlens.ledger.anchor.committed.v1",
+    ):
+        assert names.subject(subject) in published, subject
+        assert names.subject(subject) in consumed, subject
+    for name in (
+        "ledgerlens_ledger_commit_duration_seconds_bucket",
+        "ledgerlens_retrieval_index_lag_seconds_bucket",
+        "ledgerlens_event_handle_duration_seconds_bucket",
+        "ledgerlens_ledger_anchor_batch_items_bucket",
+    ):
+        assert name in exposition.labels, name
+
+
+def test_the_check_reports_what_is_not_exposed(exposition: Exposition) -> None:
+    """The check itself can fail: an unknown metric, a label it does not have, a service
+    or bucket bound no service exposes."""
+    bad = [
+        Query("probe", q, q)
+        for q in (
+            "rate(ledgerlens_nope_total[5m])",
+            f'rate({RPC}_count{{tenant="acme"}}[5m])',
+            f'rate({RPC}_count{{service="ledgerlens.nope.v1.NopeService"}}[5m])',
+            f'rate({RPC}_bucket{{le="1"}}[5m])',
+        )
+    ]
+    problems = reference_problems(bad, exposition.labels, exposition.values, recorded_names())
+    assert len(problems) == 4, problems
+
+
+def test_allow_listed_metrics_are_really_not_exposed(exposition: Exposition) -> None:
+    """An allow-listed name a service exposes after all must leave the allow-list."""
+    assert not set(NOT_FROM_SERVICES) & set(exposition.labels)
+
+
+def test_no_inference_metrics_before_the_inference_service() -> None:
+    names = {s.name for q in all_infra_queries() for s in selectors(q.parse())}
+    assert not {n for n in names if n.startswith("ledgerlens_inference_")}
