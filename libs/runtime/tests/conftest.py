@@ -20,7 +20,13 @@ from prometheus_client import CollectorRegistry
 
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
 from ledgerlens.runtime.auth import DevTokenIssuer, TokenVerifier, current_principal
-from ledgerlens.runtime.errors import AlreadyExists, InvalidArgument, ResourceExhausted
+from ledgerlens.runtime.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Violations,
+)
 from ledgerlens.runtime.metrics import RpcMetrics
 from ledgerlens.runtime.server import ServiceServer, build_server
 from ledgerlens.runtime.settings import ServiceSettings
@@ -32,7 +38,8 @@ IDENTITY_SERVICE: ServiceDescriptor = identity_pb2.DESCRIPTOR.services_by_name["
 class FakeIdentity(identity_pb2_grpc.IdentityServiceServicer):
     """Test behaviour selected by the request's ``name``:
     ``""`` invalid argument, ``dup`` already exists, ``busy`` resource exhausted,
-    ``boom`` an unexpected exception, ``slow:<seconds>`` sleeps first."""
+    ``boom`` an unexpected exception, ``late`` deadline exceeded, ``many`` five field
+    violations, ``slow:<seconds>`` sleeps first."""
 
     def __init__(self) -> None:
         self.completed: list[str] = []
@@ -49,6 +56,13 @@ class FakeIdentity(identity_pb2_grpc.IdentityServiceServicer):
             raise ResourceExhausted("too many keys created", retry_after=2.5)
         if name == "boom":
             raise RuntimeError("database password is hunter2")
+        if name == "late":
+            raise DeadlineExceeded("every provider was slower than the deadline")
+        if name == "many":
+            problems = Violations()
+            for i in range(5):
+                problems.add(f"scopes[{i}]", "unknown scope")
+            problems.raise_if_any("key")
         if name.startswith("slow:"):
             await asyncio.sleep(float(name.removeprefix("slow:")))
         principal = current_principal()

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
 from ledgerlens.runtime.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     InvalidArgument,
     ResourceExhausted,
     from_rpc_error,
@@ -248,3 +249,32 @@ async def test_shutdown_cancels_calls_that_outlive_the_grace(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await slow
     assert err.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+
+async def test_deadline_exceeded_round_trips(
+    stub: identity_pb2_grpc.IdentityServiceAsyncStub, auth_md: Metadata
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CreateApiKey(
+            identity_pb2.CreateApiKeyRequest(name="late"), metadata=auth_md(), timeout=5
+        )
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert err.value.details() == "every provider was slower than the deadline"
+    assert isinstance(from_rpc_error(err.value), DeadlineExceeded)
+
+
+async def test_violations_name_three_in_the_message_and_carry_all(
+    stub: identity_pb2_grpc.IdentityServiceAsyncStub, auth_md: Metadata
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CreateApiKey(
+            identity_pb2.CreateApiKeyRequest(name="many"), metadata=auth_md(), timeout=5
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == (
+        "invalid key: scopes[0]: unknown scope; scopes[1]: unknown scope; "
+        "scopes[2]: unknown scope (and 2 more)"
+    )
+    domain = from_rpc_error(err.value)
+    assert isinstance(domain, InvalidArgument)
+    assert [f for f, _ in domain.violations] == [f"scopes[{i}]" for i in range(5)]

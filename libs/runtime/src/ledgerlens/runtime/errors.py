@@ -25,6 +25,7 @@ from grpc_status import rpc_status
 __all__ = [
     "ERROR_DOMAIN",
     "AlreadyExists",
+    "DeadlineExceeded",
     "DomainError",
     "FailedPrecondition",
     "InvalidArgument",
@@ -33,6 +34,7 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "Violations",
     "from_rpc_error",
     "internal_status",
     "to_grpc_status",
@@ -110,6 +112,36 @@ class InvalidArgument(DomainError):
         return [_pack(bad)]
 
 
+class Violations:
+    """Collects a request's field violations, so a client learns every problem at once;
+    :meth:`raise_if_any` raises them as one :class:`InvalidArgument`.
+
+    Fields are named by their full path (``searches[3].filter.published_before``).
+    """
+
+    #: violations spelt out in the message; the details carry all of them
+    SUMMARY_LIMIT: ClassVar[int] = 3
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append((field, description))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def raise_if_any(self, what: str) -> None:
+        """Raise ``INVALID_ARGUMENT`` "invalid <what>: <field>: <problem>; ..." if any."""
+        if not self.items:
+            return
+        shown = self.items[: self.SUMMARY_LIMIT]
+        summary = "; ".join(f"{f}: {d}" for f, d in shown)
+        rest = len(self.items) - len(shown)
+        more = f" (and {rest} more)" if rest else ""
+        raise InvalidArgument(f"invalid {what}: {summary}{more}", self.items)
+
+
 class NotFound(DomainError):
     """The named resource does not exist (``ResourceInfo`` when type/name are given)."""
 
@@ -183,6 +215,13 @@ class Unavailable(_Retryable):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceeded(DomainError):
+    """The caller's deadline ran out before the work could finish (for example, every
+    retry and fallback it allowed was spent)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class FailedPrecondition(DomainError):
     """The system is not in the state the call needs; ``violations`` are
     ``(type, subject, description)`` triples (``PreconditionFailure``)."""
@@ -223,6 +262,7 @@ _BY_CODE: dict[grpc.StatusCode, type[DomainError]] = {
         ResourceExhausted,
         FailedPrecondition,
         Unavailable,
+        DeadlineExceeded,
     )
 }
 _CODE_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}

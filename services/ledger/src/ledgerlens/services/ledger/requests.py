@@ -19,6 +19,7 @@ from google.protobuf import timestamp_pb2
 from ledgerlens.common.v1 import common_pb2
 from ledgerlens.events.v1 import events_pb2
 from ledgerlens.ledger.v1 import ledger_pb2
+from ledgerlens.runtime import errors
 from ledgerlens.runtime.errors import InvalidArgument
 from ledgerlens.services.ledger.anchoring import DocumentAnchor, NewAudit
 from ledgerlens.services.ledger.contract import (
@@ -53,14 +54,8 @@ _TX_ID = re.compile(r"^[0-9A-Za-z_.:-]{1,128}$")
 UNKNOWN: Final = "-"
 
 
-class Violations:
-    """Collects field violations; :meth:`raise_if_any` raises them as one error."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, str]] = []
-
-    def add(self, field: str, description: str) -> None:
-        self.items.append((field, description))
+class Violations(errors.Violations):
+    """The runtime's collector of field violations, with the ledger's own checks."""
 
     def sha256(self, value: str, field: str) -> str:
         if not _SHA256.match(value):
@@ -81,11 +76,6 @@ class Violations:
         if not _TX_ID.match(value):
             self.add(field, "must be 1-128 characters of [0-9A-Za-z_.:-]")
         return value
-
-    def raise_if_any(self, what: str) -> None:
-        if self.items:
-            summary = "; ".join(f"{f}: {d}" for f, d in self.items)
-            raise InvalidArgument(f"invalid {what}: {summary}", self.items)
 
 
 def rfc3339(stamp: timestamp_pb2.Timestamp) -> str:

@@ -18,7 +18,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet  # type: ignore[impor
 
 from ledgerlens.common.v1 import common_pb2
 from ledgerlens.retrieval.v1 import retrieval_pb2
-from ledgerlens.runtime.errors import InvalidArgument
+from ledgerlens.runtime.errors import Violations
 from ledgerlens.services.retrieval.model import Filter
 
 __all__ = ["Fusion", "Limits", "Query", "parse_batch", "parse_search"]
@@ -54,21 +54,7 @@ class Query:
     dense_weight: float
 
 
-class _Violations:
-    def __init__(self) -> None:
-        self.items: list[tuple[str, str]] = []
-
-    def add(self, field: str, description: str) -> None:
-        self.items.append((field, description))
-
-    def raise_if_any(self, what: str) -> None:
-        if self.items:
-            first = "; ".join(f"{f}: {d}" for f, d in self.items[:3])
-            more = f" (and {len(self.items) - 3} more)" if len(self.items) > 3 else ""
-            raise InvalidArgument(f"invalid {what}: {first}{more}", self.items)
-
-
-def _unknown_fields(message: Message, path: str, errors: _Violations) -> None:
+def _unknown_fields(message: Message, path: str, errors: Violations) -> None:
     # Fields a newer client sent that this server's contract does not know: a filter
     # the server silently ignored would return chunks that fail it, so it is refused.
     for unknown in UnknownFieldSet(message):
@@ -78,7 +64,7 @@ def _unknown_fields(message: Message, path: str, errors: _Violations) -> None:
 def _strings(
     values: Sequence[str],
     path: str,
-    errors: _Violations,
+    errors: Violations,
     limits: Limits,
     *,
     lower: bool = False,
@@ -107,14 +93,14 @@ def _address(value: str) -> str | None:
     return value.lower()
 
 
-def _seconds(ts: timestamp_pb2.Timestamp, path: str, errors: _Violations) -> tuple[int, int]:
+def _seconds(ts: timestamp_pb2.Timestamp, path: str, errors: Violations) -> tuple[int, int]:
     if not (_MIN_SECONDS <= ts.seconds <= _MAX_SECONDS) or not (0 <= ts.nanos < 1_000_000_000):
         errors.add(path, "not a valid timestamp (years 1-9999, nanos 0-999999999)")
     return ts.seconds, ts.nanos
 
 
 def parse_filter(
-    pb: retrieval_pb2.SearchFilter, path: str, errors: _Violations, limits: Limits
+    pb: retrieval_pb2.SearchFilter, path: str, errors: Violations, limits: Limits
 ) -> Filter:
     _unknown_fields(pb, path, errors)
     addresses: set[str] = set()
@@ -165,9 +151,7 @@ def parse_filter(
     )
 
 
-def _parse(
-    pb: retrieval_pb2.SearchRequest, path: str, errors: _Violations, limits: Limits
-) -> Query:
+def _parse(pb: retrieval_pb2.SearchRequest, path: str, errors: Violations, limits: Limits) -> Query:
     def at(field: str) -> str:
         return f"{path}.{field}" if path else field
 
@@ -202,14 +186,14 @@ def _parse(
 
 
 def parse_search(pb: retrieval_pb2.SearchRequest, limits: Limits) -> Query:
-    errors = _Violations()
+    errors = Violations()
     query = _parse(pb, "", errors, limits)
     errors.raise_if_any("search")
     return query
 
 
 def parse_batch(pb: retrieval_pb2.BatchSearchRequest, limits: Limits) -> list[Query]:
-    errors = _Violations()
+    errors = Violations()
     _unknown_fields(pb, "", errors)
     if not pb.searches:
         errors.add("searches", "at least one search is required")
