@@ -476,41 +476,42 @@ def events() -> dict[str, Any]:
             unit="ops",
         ),
     ]
-    nats = (
-        "From the NATS server's prometheus-nats-exporter (-jsz=all, the NATS Helm chart's "
-        "promExporter), not from the services: empty without that exporter."
+    state = (
+        "JetStream's state of each durable consumer, read by the services running it every "
+        "events_state_interval_seconds (15 s); replicas report the same value, hence max."
     )
-    panels.append(layout.row("JetStream state (NATS exporter)"))
+    panels.append(layout.row("JetStream state (polled by the services)"))
     panels += [
         layout.panel(
-            "Consumer pending (NATS exporter)",
+            "Consumer pending",
             [
                 (
-                    "sum by (stream_name, consumer_name) (jetstream_consumer_num_pending)",
-                    "{{stream_name}}/{{consumer_name}}",
+                    "max by (stream, consumer) (ledgerlens_events_consumer_pending)",
+                    "{{stream}}/{{consumer}}",
                 )
             ],
-            description=nats + " Messages not yet delivered to each durable consumer.",
+            description=state + " Messages not yet delivered to each durable consumer.",
         ),
         layout.panel(
-            "Consumer ack pending / redelivered (NATS exporter)",
+            "Consumer ack pending / redelivered",
             [
                 (
-                    "sum by (stream_name, consumer_name) (jetstream_consumer_num_ack_pending)",
-                    "ack pending {{stream_name}}/{{consumer_name}}",
+                    "max by (stream, consumer) (ledgerlens_events_consumer_ack_pending)",
+                    "ack pending {{stream}}/{{consumer}}",
                 ),
                 (
-                    "sum by (stream_name, consumer_name) (jetstream_consumer_num_redelivered)",
-                    "redelivered {{stream_name}}/{{consumer_name}}",
+                    "max by (stream, consumer) (ledgerlens_events_consumer_redelivered)",
+                    "redelivered {{stream}}/{{consumer}}",
                 ),
             ],
-            description=nats,
+            description=state + " Ack pending: delivered, not yet acked; redelivered: of "
+            "those, delivered more than once.",
         ),
         layout.panel(
-            "DEADLETTER stream messages (NATS exporter)",
+            "DEADLETTER stream messages",
             [
                 (
-                    'sum(jetstream_stream_total_messages{stream_name="DEADLETTER"})',
+                    'max(ledgerlens_events_dead_letter_messages{stream="DEADLETTER"})',
                     "DEADLETTER",
                 )
             ],
@@ -518,7 +519,8 @@ def events() -> dict[str, Any]:
             width=24,
             height=4,
             threshold=1,
-            description=nats,
+            description="Messages kept in the DEADLETTER stream, as read by every service "
+            "with consumers (the same total from each, hence max).",
         ),
     ]
     subject_var = query_var(

@@ -3,7 +3,7 @@
 ``render()`` is what every chart test (and other test suites) builds on::
 
     from _helm import render
-    objects = render([VALUES_PROD], {"services": {"inference": {"enabled": True}}})
+    objects = render([VALUES_PROD], {"services": {"inference": {"replicas": 3}}})
 
 Values files are merged the way ``helm -f a.yaml -f b.yaml --set ...`` merges them: maps
 merge key by key, anything else is replaced, and a ``null`` removes the key. Helm then

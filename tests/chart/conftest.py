@@ -14,8 +14,34 @@ VALUE_SETS: dict[str, tuple[list[Path], dict[str, Any]]] = {
     "default": ([], {}),
     "dev": ([VALUES_DEV], {}),
     "prod": ([VALUES_PROD], {}),
-    # what prod becomes once services/inference lands
-    "prod-inference": ([VALUES_PROD], {"services.inference.enabled": True}),
+    # dev with a gateway config and the service token in the chart's Secret
+    "dev-gateway": (
+        [VALUES_DEV],
+        {
+            "services.inference.gatewayConfig": {
+                "providers": [
+                    {
+                        "name": "vllm",
+                        "kind": "openai",
+                        "base_url": "http://vllm.llm.svc:8000/v1",
+                        "models": ["llama-3.1-8b"],
+                    },
+                    {
+                        "name": "local",
+                        "kind": "extractive",
+                        "models": ["extractive", "all-MiniLM-L6-v2"],
+                    },
+                ],
+                "router": {
+                    "aliases": {
+                        "default": ["vllm/llama-3.1-8b", "local/extractive"],
+                        "embed": ["local/all-MiniLM-L6-v2"],
+                    }
+                },
+            },
+            "services.inference.secretEnv": {"LEDGERLENS_INFERENCE_SERVICE_TOKEN": "dev-token"},
+        },
+    ),
     "prod-keda": ([VALUES_PROD], {"global.autoscaling.provider": "keda"}),
 }
 

@@ -161,7 +161,7 @@ def test_policies_allow_exactly_the_service_graph(rendered: Rendered) -> None:
 
 
 def test_graph_has_the_flows_that_matter(renders: dict[str, Rendered]) -> None:
-    flows_ = expected_flows(renders["prod-inference"].values)
+    flows_ = expected_flows(renders["prod"].values)
     assert ("inference", "retrieval", 50053) in flows_
     assert ("ledger", "identity", 8081) in flows_
     assert ("retrieval", "qdrant", 6334) in flows_

@@ -236,9 +236,11 @@ def test_unworkable_combinations_fail_with_the_reason(
 
 def test_notes_name_every_enabled_service() -> None:
     text = notes([VALUES_PROD])
-    for svc in ("identity", "ingestion", "retrieval", "ledger"):
+    for svc in ("identity", "ingestion", "retrieval", "inference", "ledger"):
         assert f"ledgerlens-{svc}.ledgerlens.svc:" in text
-    assert "inference" not in text
+    # prod's inference reads its token from existingSecret; dev has none yet
+    assert "no service token" not in text
+    assert "LEDGERLENS_INFERENCE_SERVICE_TOKEN" in notes([VALUES_DEV])
     assert "helm test ledgerlens" in text
 
 

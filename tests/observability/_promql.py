@@ -229,20 +229,6 @@ def histogram_family(name: str) -> str:
 #: match on them though no /metrics shows them.
 TARGET_LABELS = frozenset({"job", "instance", "namespace", "pod", "container", "endpoint"})
 
-_NATS_EXPORTER = (
-    "from the NATS server's prometheus-nats-exporter (-jsz=all; the NATS Helm chart's "
-    "promExporter), which the services cannot expose and this test does not run: the "
-    "runtime has no metric of JetStream consumer state"
-)
-#: Metrics the dashboards use that no ledgerlens service exposes, and why each is allowed.
-#: Only panels titled "(NATS exporter)" may use them, and no rule may.
-NOT_FROM_SERVICES = {
-    "jetstream_consumer_num_pending": _NATS_EXPORTER,
-    "jetstream_consumer_num_ack_pending": _NATS_EXPORTER,
-    "jetstream_consumer_num_redelivered": _NATS_EXPORTER,
-    "jetstream_stream_total_messages": _NATS_EXPORTER,
-}
-
 #: Metric prefixes of services that do not run yet, allowed ahead of them (with why).
 #: Empty on purpose: the inference dashboard arrives with the inference service's issue.
 PENDING_SERVICES: dict[str, str] = {}
@@ -259,7 +245,7 @@ def reference_problems(
 
     ``labels``: sample name -> label names exposed; ``values``: (sample, label) -> values.
     A metric name must be exposed (histograms by their ``_bucket``/``_sum``/``_count``
-    samples), recorded by a rule, or allow-listed; the labels a selector matches on must
+    samples) or recorded by a rule; the labels a selector matches on must
     exist on it (or be target labels); a ``service`` or ``le`` it matches with ``=`` or
     ``=~`` must match a value the services exposed.
     """
@@ -268,7 +254,7 @@ def reference_problems(
     for query in queries:
         for sel in selectors(query.parse()):
             name = sel.name
-            if name in recorded or name in NOT_FROM_SERVICES:
+            if name in recorded:
                 continue
             if any(name.startswith(prefix) for prefix in PENDING_SERVICES):
                 continue

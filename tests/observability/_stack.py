@@ -1,5 +1,5 @@
 """The running services whose ``/metrics`` the dashboards, rules and chart are checked
-against (imported by name): identity, ingestion, retrieval and ledger, started in this
+against (imported by name): identity, ingestion, retrieval, ledger and inference, started in this
 process with the functions ``python -m`` runs (through the services' own test helpers),
 in an event namespace of their own, on SQLite and the session's NATS.
 
@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ledgerlens.embedding.testing import CachingEmbedder
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
+from ledgerlens.inference.v1 import inference_pb2, inference_pb2_grpc
 from ledgerlens.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 from ledgerlens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from ledgerlens.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -36,6 +37,8 @@ from ledgerlens.runtime.events import STREAMS
 from ledgerlens.runtime.testing import EventNames, eventually
 from ledgerlens.services.identity.app import run_identity
 from ledgerlens.services.identity.settings import Settings as IdentitySettings
+from ledgerlens.services.inference.app import REVOKED_CONSUMER, run_inference
+from ledgerlens.services.inference.settings import Settings as InferenceSettings
 from ledgerlens.services.ingestion.settings import Settings as IngestionSettings
 from ledgerlens.services.ledger.app import LEDGER_CONSUMERS, run_ledger
 from ledgerlens.services.ledger.settings import Settings as LedgerSettings
@@ -50,6 +53,7 @@ GRPC_SERVICES = {
     "ingestion": "ledgerlens.ingestion.v1.IngestionService",
     "retrieval": "ledgerlens.retrieval.v1.RetrievalService",
     "ledger": "ledgerlens.ledger.v1.LedgerService",
+    "inference": "ledgerlens.inference.v1.InferenceService",
 }
 
 PROBE_DOCUMENT = b"""# Observability probe
@@ -118,6 +122,8 @@ def _common(nats_url: str, tmp: Path, name: str) -> dict[str, Any]:
         "http_port": 0,
         "data_dir": str(tmp / name),
         "shutdown_grace_seconds": 2.0,
+        # the JetStream state gauges are read at once and then this often (15 s deployed)
+        "events_state_interval_seconds": 0.2,
         # the interceptor's auth is not what this checks; the metrics are the same
         "auth": {"enabled": False},
     }
@@ -130,7 +136,8 @@ async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
 async def run_stack_and_scrape(
     nats_url: str, embedder: CachingEmbedder, tmp: Path, names: EventNames
 ) -> dict[str, str]:
-    """Start the four services, push one document through them, scrape ``/metrics``."""
+    """Start the five services, push one document through them, ask about it, scrape
+    ``/metrics``."""
     async with AsyncExitStack() as stack:
         identity = await stack.enter_async_context(
             run_identity(
@@ -167,14 +174,30 @@ async def run_stack_and_scrape(
                 embedder,
             )
         )
+        inference = await stack.enter_async_context(
+            run_inference(
+                InferenceSettings.model_validate(
+                    {
+                        **_common(nats_url, tmp, "inference"),
+                        "rag": {"retrieval_target": retrieval.grpc_address},
+                    }
+                ),
+                embedder=embedder,
+                streams=names.platform_streams(),
+                revoked_consumer=names.consumer(REVOKED_CONSUMER),
+                subject=names.subject,
+            )
+        )
+        running_services = {
+            "identity": identity,
+            "ingestion": ingestion,
+            "retrieval": retrieval,
+            "ledger": ledger,
+            "inference": inference,
+        }
         channels = {
             svc: await stack.enter_async_context(grpc.aio.insecure_channel(running.grpc_address))
-            for svc, running in {
-                "identity": identity,
-                "ingestion": ingestion,
-                "retrieval": retrieval,
-                "ledger": ledger,
-            }.items()
+            for svc, running in running_services.items()
         }
         ingest = ingestion_pb2_grpc.IngestionServiceStub(channels["ingestion"])
         verify = ledger_pb2_grpc.LedgerServiceStub(channels["ledger"])
@@ -213,15 +236,14 @@ async def run_stack_and_scrape(
         # whatever its code, the call is observed; only the metrics matter here
         with contextlib.suppress(grpc.aio.AioRpcError):
             await search.Search(retrieval_pb2.SearchRequest(query="rollup data availability"))
+        # a grounded answer: the gateway's RPC, provider and accounting metrics
+        answer = inference_pb2_grpc.InferenceServiceStub(channels["inference"])
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await answer.Answer(inference_pb2.AnswerRequest(query="rollup data availability"))
 
         async with httpx.AsyncClient(timeout=10) as http:
             texts = {}
-            for svc, running in {
-                "identity": identity,
-                "ingestion": ingestion,
-                "retrieval": retrieval,
-                "ledger": ledger,
-            }.items():
+            for svc, running in running_services.items():
                 response = await http.get(f"{running.http_url}/metrics")
                 response.raise_for_status()
                 texts[svc] = response.text

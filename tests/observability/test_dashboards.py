@@ -9,12 +9,8 @@ from types import ModuleType
 from _promql import (
     DASHBOARDS,
     INFRA,
-    NOT_FROM_SERVICES,
-    Query,
     iter_panels,
     load_dashboards,
-    selectors,
-    substitute_grafana,
 )
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -69,17 +65,6 @@ def test_every_panel_queries_the_datasource_variable() -> None:
             for target in panel["targets"]:
                 assert target["datasource"] == DATASOURCE, (name, panel["title"])
         assert len(ids) == len(set(ids)), f"{name}: duplicate panel ids"
-
-
-def test_nats_exporter_metrics_only_in_panels_marked_so() -> None:
-    for name, board in load_dashboards().items():
-        for panel in iter_panels(board["panels"]):
-            for target in panel.get("targets", []):
-                query = Query(name, target["expr"], substitute_grafana(target["expr"]))
-                used = {s.name for s in selectors(query.parse())} & set(NOT_FROM_SERVICES)
-                if used:
-                    assert "(NATS exporter)" in panel["title"], (name, panel["title"], used)
-                    assert "prometheus-nats-exporter" in panel["description"]
 
 
 def test_service_panels_leave_out_health_and_reflection() -> None:

@@ -6,6 +6,10 @@
 ---
 {{ include "ledgerlens-service.configMap" . }}
 ---
+{{- if .svc.gatewayConfig }}
+{{ include "ledgerlens-service.gatewayConfigMap" . }}
+---
+{{- end }}
 {{ include "ledgerlens-service.secret" . }}
 ---
 {{ include "ledgerlens-service.service" . }}

@@ -121,3 +121,22 @@ spec:
     - rollouts-pod-template-hash
   {{- end }}
 {{- end -}}
+
+
+{{/*
+inference's gateway configuration (providers and router) as a file, for
+LEDGERLENS_INFERENCE_PROVIDERS_FILE. Provider keys are referenced by env name
+(api_key_env) and come from a Secret; the checks refuse an api_key here.
+*/}}
+{{- define "ledgerlens-service.gatewayConfigMap" -}}
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ include "ledgerlens-service.fullname" . }}-gateway
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "ledgerlens-service.labels" . | nindent 4 }}
+data:
+  gateway.yaml: |
+    {{- toYaml .svc.gatewayConfig | nindent 4 }}
+{{- end -}}

@@ -34,6 +34,15 @@ setting by its full env name.
 {{- if $u.qdrant -}}
 {{- $_ = set $e (print $p "QDRANT__URL") $v.externalQdrant.url -}}
 {{- end -}}
+{{- /* inference answers with passages from this release's retrieval */ -}}
+{{- if $u.retrievalGrpc -}}
+{{- $r := $v.services.retrieval -}}
+{{- $_ = set $e (print $p "RAG__RETRIEVAL_TARGET") (include "ledgerlens-service.grpcAddress" (dict "root" .root "name" "retrieval" "svc" $r)) -}}
+{{- end -}}
+{{- /* providers and router from the mounted gateway ConfigMap (keys stay in Secrets) */ -}}
+{{- if .svc.gatewayConfig -}}
+{{- $_ = set $e (print $p "PROVIDERS_FILE") (include "ledgerlens-service.gatewayConfigFile" .) -}}
+{{- end -}}
 {{- range $k, $val := .svc.env -}}
 {{- $_ = set $e $k (toString $val) -}}
 {{- end -}}
@@ -117,6 +126,20 @@ env:
 {{- if not (get $.svc.env (print $p .)) -}}
 {{- fail (printf "services.ledger.backend is fabric: set services.ledger.env.%s%s" $p .) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and .svc.existingSecret (eq .svc.existingSecret (include "ledgerlens-service.fullname" .)) -}}
+{{- fail (printf "services.%s.existingSecret: %s is the Secret this chart renders for the service; name the platform's Secret otherwise" .name .svc.existingSecret) -}}
+{{- end -}}
+{{- if and (eq .name "inference") $multi (not $v.externalRedis.enabled) -}}
+{{- fail "services.inference runs more than one replica: set externalRedis.enabled (limits, idempotency and the response cache are per pod otherwise)" -}}
+{{- end -}}
+{{- range (.svc.gatewayConfig | default dict).providers -}}
+{{- if hasKey . "api_key" -}}
+{{- fail (printf "services.%s.gatewayConfig: provider %s has api_key; the ConfigMap is not secret: name an env var with api_key_env and put the key in services.%s.existingSecret" $.name .name $.name) -}}
+{{- end -}}
+{{- if and .api_key_env (not $.svc.existingSecret) -}}
+{{- fail (printf "services.%s.gatewayConfig: provider %s reads its key from %s: set services.%s.existingSecret to a Secret holding it" $.name .name .api_key_env $.name) -}}
 {{- end -}}
 {{- end -}}
 {{- if and (eq .name "identity") $multi (not (get .svc.env (print $p "KEY_ENCRYPTION_KEY_FILE"))) -}}

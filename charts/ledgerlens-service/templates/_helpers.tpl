@@ -71,3 +71,12 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- $u := dict "nats" true "postgresql" $v.externalPostgresql.enabled "redis" (and .svc.uses.redis $v.externalRedis.enabled) "qdrant" (eq (.svc.backend | default "") "qdrant") "identityHttp" (ne .name "identity") "retrievalGrpc" (and .svc.uses.retrieval $v.services.retrieval.enabled) -}}
 {{- toYaml $u -}}
 {{- end -}}
+
+{{/* inference's providers/router file: ConfigMap <fullname>-gateway, key gateway.yaml. */}}
+{{- define "ledgerlens-service.gatewayConfigDir" -}}
+/etc/ledgerlens/gateway
+{{- end -}}
+
+{{- define "ledgerlens-service.gatewayConfigFile" -}}
+{{- printf "%s/gateway.yaml" (include "ledgerlens-service.gatewayConfigDir" .) -}}
+{{- end -}}

@@ -11,6 +11,9 @@ metadata:
   annotations:
     checksum/config: {{ include "ledgerlens-service.configEnv" . | sha256sum }}
     checksum/secret: {{ include "ledgerlens-service.secretEnv" . | sha256sum }}
+    {{- if .svc.gatewayConfig }}
+    checksum/gateway: {{ toYaml .svc.gatewayConfig | sha256sum }}
+    {{- end }}
     {{- with .svc.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -88,6 +91,12 @@ spec:
     - name: data
       emptyDir:
         sizeLimit: {{ .svc.dataSizeLimit }}
+    {{- if .svc.gatewayConfig }}
+    - name: gateway-config
+      configMap:
+        name: {{ $fullname }}-gateway
+        defaultMode: 0444
+    {{- end }}
     {{- range .svc.secretMounts }}
     - name: {{ .name }}
       secret:
@@ -138,6 +147,11 @@ envFrom:
   mountPath: /tmp
 - name: data
   mountPath: {{ include "ledgerlens-service.dataDir" . }}
+{{- if .svc.gatewayConfig }}
+- name: gateway-config
+  mountPath: {{ include "ledgerlens-service.gatewayConfigDir" . }}
+  readOnly: true
+{{- end }}
 {{- range .svc.secretMounts }}
 - name: {{ .name }}
   mountPath: {{ .mountPath }}

@@ -21,11 +21,13 @@ __all__ = [
     "CREDENTIALS_FILE",
     "DEFAULT_IDENTITY_TARGET",
     "DEFAULT_IDENTITY_URL",
+    "DEFAULT_INFERENCE_TARGET",
     "DEFAULT_INGESTION_TARGET",
     "DEFAULT_LEDGER_TARGET",
     "DEFAULT_RETRIEVAL_TARGET",
     "IDENTITY_TARGET_ENV",
     "IDENTITY_URL_ENV",
+    "INFERENCE_TARGET_ENV",
     "INGESTION_TARGET_ENV",
     "LEDGER_TARGET_ENV",
     "REFRESH_MARGIN_SECONDS",
@@ -34,6 +36,7 @@ __all__ = [
     "CliError",
     "CredentialStore",
     "Credentials",
+    "UsageProblem",
     "default_config_dir",
 ]
 
@@ -42,12 +45,14 @@ IDENTITY_URL_ENV = "LEDGERLENS_IDENTITY_URL"
 INGESTION_TARGET_ENV = "LEDGERLENS_INGESTION_TARGET"
 RETRIEVAL_TARGET_ENV = "LEDGERLENS_RETRIEVAL_TARGET"
 LEDGER_TARGET_ENV = "LEDGERLENS_LEDGER_TARGET"
+INFERENCE_TARGET_ENV = "LEDGERLENS_INFERENCE_TARGET"
 CONFIG_DIR_ENV = "LEDGERLENS_CONFIG_DIR"
 DEFAULT_IDENTITY_TARGET = "127.0.0.1:50051"
 DEFAULT_IDENTITY_URL = "http://127.0.0.1:8081"
 DEFAULT_INGESTION_TARGET = "127.0.0.1:50052"
 DEFAULT_RETRIEVAL_TARGET = "127.0.0.1:50053"
 DEFAULT_LEDGER_TARGET = "127.0.0.1:50055"
+DEFAULT_INFERENCE_TARGET = "127.0.0.1:50054"
 CREDENTIALS_FILE = "credentials.json"
 #: a cached token this close to its expiry (seconds) is replaced before it is used,
 #: so it cannot expire between being read here and being checked by a service.
@@ -56,6 +61,11 @@ REFRESH_MARGIN_SECONDS = 30.0
 
 class CliError(Exception):
     """A failure to report to the person as one line on stderr (exit code 1)."""
+
+
+class UsageProblem(CliError):
+    """The invocation's failure rather than a document's (nothing to ingest, no service):
+    one line on stderr and exit code 2."""
 
 
 def default_config_dir() -> Path:
@@ -73,6 +83,7 @@ class CliConfig:
     ingestion_target: str = DEFAULT_INGESTION_TARGET
     retrieval_target: str = DEFAULT_RETRIEVAL_TARGET
     ledger_target: str = DEFAULT_LEDGER_TARGET
+    inference_target: str = DEFAULT_INFERENCE_TARGET
     config_dir: Path = field(default_factory=default_config_dir)
     timeout_seconds: float = 10.0
 

@@ -35,8 +35,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ledgerlens.cli.config import CliError
+from ledgerlens.cli.config import CliError, UsageProblem
 from ledgerlens.cli.identity import Session, config_of, describe_rpc_error
+from ledgerlens.cli.output import exit_codes
 from ledgerlens.common.v1 import common_pb2
 from ledgerlens.ingestion.v1 import ingestion_pb2
 from ledgerlens.runtime.clients import ingestion_client, static_token
@@ -77,11 +78,6 @@ SERVICE = "ingestion"
 UNREADABLE = "UNREADABLE"
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-
-
-class UsageProblem(CliError):
-    """The invocation's failure rather than a document's (nothing to ingest, no service):
-    one line on stderr and exit code 2."""
 
 
 class DocType(StrEnum):
@@ -515,7 +511,7 @@ def ingest(
         chain=chain,
         tags=tag or [],
     )
-    try:
+    with exit_codes():
         files, skipped, problems = discover(paths, recursive=recursive, source_prefix=source_prefix)
         if not files:
             listed = f"; {len(problems)} director(ies) unreadable" if problems else ""
@@ -525,12 +521,6 @@ def ingest(
             )
         tally = Tally(total=len(files), skipped=skipped, unlisted=problems)
         asyncio.run(_ingest(Session(config_of(ctx)), files, metadata, tally, concurrency))
-    except UsageProblem as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except CliError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
 
     if tally.done or tally.aborted is None:
         print_summary(Console(), tally)

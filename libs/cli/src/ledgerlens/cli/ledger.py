@@ -46,6 +46,7 @@ from rich.text import Text
 from ledgerlens.cli.config import CliError
 from ledgerlens.cli.identity import CLI_RETRY, Session, config_of, describe_rpc_error
 from ledgerlens.cli.ingest import UsageProblem, rpc_failure
+from ledgerlens.cli.output import exit_codes
 from ledgerlens.ledger.v1 import ledger_pb2
 from ledgerlens.runtime.clients import ledger_client, static_token
 
@@ -537,7 +538,7 @@ def events(
     """
     run = EventsRun()
     request = ledger_pb2.StreamEventsRequest(chaincode=chaincode, event_names=name or [])
-    try:
+    with exit_codes(on_interrupt=lambda: _report_end(run, request, as_json)):
         if from_block is not None and after is not None:
             raise UsageProblem("give --from or --after, not both")
         if after is not None:
@@ -550,15 +551,6 @@ def events(
         asyncio.run(
             stream_events(session, request, run, follow=follow, idle_seconds=idle, as_json=as_json)
         )
-    except UsageProblem as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except CliError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        _report_end(run, request, as_json)
-        raise typer.Exit(130) from None
     _report_end(run, request, as_json)
     if run.aborted is not None:
         typer.echo(f"error: the stream broke after {run.count} event(s): {run.aborted}", err=True)

@@ -7,16 +7,18 @@ from typing import Annotated
 
 import typer
 
-from ledgerlens.cli import identity, ingest, ledger, search
+from ledgerlens.cli import ask, identity, ingest, ledger, search
 from ledgerlens.cli.config import (
     CONFIG_DIR_ENV,
     DEFAULT_IDENTITY_TARGET,
     DEFAULT_IDENTITY_URL,
+    DEFAULT_INFERENCE_TARGET,
     DEFAULT_INGESTION_TARGET,
     DEFAULT_LEDGER_TARGET,
     DEFAULT_RETRIEVAL_TARGET,
     IDENTITY_TARGET_ENV,
     IDENTITY_URL_ENV,
+    INFERENCE_TARGET_ENV,
     INGESTION_TARGET_ENV,
     LEDGER_TARGET_ENV,
     RETRIEVAL_TARGET_ENV,
@@ -71,6 +73,14 @@ def main(
             help="The retrieval service's gRPC address (host:port).",
         ),
     ] = DEFAULT_RETRIEVAL_TARGET,
+    inference_target: Annotated[
+        str,
+        typer.Option(
+            "--inference",
+            envvar=INFERENCE_TARGET_ENV,
+            help="The inference service's gRPC address (host:port).",
+        ),
+    ] = DEFAULT_INFERENCE_TARGET,
     ledger_target: Annotated[
         str,
         typer.Option(
@@ -97,6 +107,7 @@ def main(
         ingestion_target=ingestion_target,
         retrieval_target=retrieval_target,
         ledger_target=ledger_target,
+        inference_target=inference_target,
         config_dir=config_dir if config_dir is not None else default_config_dir(),
         timeout_seconds=timeout,
     )
@@ -106,6 +117,7 @@ identity.register(app)
 ingest.register(app)
 search.register(app)
 ledger.register(app)
+ask.register(app)
 
 
 if __name__ == "__main__":

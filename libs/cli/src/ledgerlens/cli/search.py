@@ -11,23 +11,21 @@ cannot even be put in the request (a date that does not parse) is a usage error 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated
 
 import grpc
 import grpc.aio
 import typer
-from google.protobuf import json_format
-from google.protobuf.timestamp_pb2 import Timestamp
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ledgerlens.cli.config import CliError
+from ledgerlens.cli.filters import filter_options, parse_when
 from ledgerlens.cli.identity import CLI_RETRY, Session, config_of
-from ledgerlens.cli.ingest import DOC_TYPES, DocType, UsageProblem, rpc_failure
+from ledgerlens.cli.ingest import rpc_failure
+from ledgerlens.cli.output import exit_codes, heading_path, print_json, provenance_text, snippet
 from ledgerlens.common.v1 import common_pb2
 from ledgerlens.retrieval.v1 import retrieval_pb2
 from ledgerlens.runtime.clients import retrieval_client, static_token
@@ -45,7 +43,6 @@ __all__ = [
 SERVICE = "retrieval"
 #: the snippet of a chunk's text in the table, in characters (whole words).
 SNIPPET_CHARS = 160
-SHORT_SHA_CHARS = 12
 _INT32_MAX = 2**31 - 1
 
 
@@ -69,56 +66,17 @@ _FUSIONS = {
 # -- the request -----------------------------------------------------------------------
 
 
-def parse_when(value: str, option: str) -> Timestamp:
-    """``2021-01-01`` or an ISO 8601 date-time (a time without zone is UTC)."""
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise typer.BadParameter(
-            f"{value!r} is not a date (2021-01-01) or ISO 8601 date-time (2021-01-01T12:00:00Z)",
-            param_hint=option,
-        ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    stamp = Timestamp()
-    try:
-        stamp.FromDatetime(parsed)
-    except (ValueError, OverflowError):
-        raise typer.BadParameter(
-            f"{value!r} is outside 0001-01-01 - 9999-12-31 (UTC)", param_hint=option
-        ) from None
-    return stamp
-
-
 def build_request(
     query: str,
+    flt: retrieval_pb2.SearchFilter,
     *,
-    chains: list[str] | None = None,
-    authors: list[str] | None = None,
-    tags: list[str] | None = None,
-    doc_types: list[DocType] | None = None,
-    contracts: list[str] | None = None,
-    source_prefix: str | None = None,
-    since: str | None = None,
-    until: str | None = None,
     top_k: int = 10,
     fusion: Fusion | None = None,
     dense_weight: float | None = None,
     min_score: float | None = None,
 ) -> retrieval_pb2.SearchRequest:
-    """The ``SearchRequest`` of the options; a bad date is a usage error (nothing sent)."""
-    flt = retrieval_pb2.SearchFilter(
-        chains=chains or [],
-        authors=authors or [],
-        tags=tags or [],
-        doc_types=[DOC_TYPES[d] for d in doc_types or []],
-        contract_addresses=contracts or [],
-        source_url_prefix=source_prefix or "",
-    )
-    if since is not None:
-        flt.published_after.CopyFrom(parse_when(since, "--since"))
-    if until is not None:
-        flt.published_before.CopyFrom(parse_when(until, "--until"))
+    """The ``SearchRequest`` of the options; ``flt`` as :func:`ledgerlens.cli.filters.build_filter`
+    builds it."""
     if fusion is None and dense_weight is not None:
         fusion = Fusion.weighted  # the only mode a dense weight means anything in
     request = retrieval_pb2.SearchRequest(
@@ -168,27 +126,6 @@ def document_label(chunk: retrieval_pb2.Chunk) -> str:
     return title or number or chunk.provenance.document_id
 
 
-def _snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
-    flat = " ".join(text.split())
-    if len(flat) <= limit:
-        return flat
-    cut = flat[:limit]
-    space = cut.rfind(" ")
-    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:.") + "…"
-
-
-def _source(provenance: common_pb2.Provenance) -> Text:
-    lines = [
-        provenance.source_url or "-",
-        f"v{provenance.version} · sha256 {provenance.sha256[:SHORT_SHA_CHARS] or '-'}",
-    ]
-    if provenance.HasField("anchor") and provenance.anchor.tx_id:
-        lines.append(
-            f"anchor tx {provenance.anchor.tx_id} (block {provenance.anchor.block_number})"
-        )
-    return Text("\n".join(lines))
-
-
 _FUSION_NAMES = {
     retrieval_pb2.FUSION_MODE_RRF: "rrf",
     retrieval_pb2.FUSION_MODE_WEIGHTED: "weighted",
@@ -223,9 +160,9 @@ def print_results(console: Console, response: retrieval_pb2.SearchResponse) -> N
             str(result.rank),
             f"{result.score:.4f}",
             Text(document_label(chunk)),
-            Text(" > ".join(" ".join(h.split()) for h in chunk.heading_path) or "-"),
-            Text(_snippet(chunk.text)),
-            _source(chunk.provenance),
+            Text(heading_path(list(chunk.heading_path)) or "-"),
+            Text(snippet(chunk.text, SNIPPET_CHARS)),
+            provenance_text(chunk.provenance),
         )
     console.print(table)
 
@@ -233,6 +170,7 @@ def print_results(console: Console, response: retrieval_pb2.SearchResponse) -> N
 # -- the command -----------------------------------------------------------------------
 
 
+@filter_options
 def search(
     ctx: typer.Context,
     query: Annotated[
@@ -241,43 +179,7 @@ def search(
             help="What to look for, in plain words.", metavar="QUERY", show_default=False
         ),
     ],
-    chain: Annotated[
-        list[str] | None,
-        typer.Option("--chain", help="Only this chain, e.g. ethereum (repeatable: any of them)."),
-    ] = None,
-    author: Annotated[
-        list[str] | None,
-        typer.Option("--author", help="Only this author (repeatable: any of them)."),
-    ] = None,
-    tag: Annotated[
-        list[str] | None,
-        typer.Option("--tag", help="Only documents with this tag (repeatable: any of them)."),
-    ] = None,
-    doc_type: Annotated[
-        list[DocType] | None,
-        typer.Option("--doc-type", help="Only this document type (repeatable: any of them)."),
-    ] = None,
-    contract: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--contract", help="Only documents about this 0x address (repeatable: any of them)."
-        ),
-    ] = None,
-    source_prefix: Annotated[
-        str | None,
-        typer.Option("--source-prefix", help="Only sources whose URL starts with this."),
-    ] = None,
-    since: Annotated[
-        str | None,
-        typer.Option(
-            "--since",
-            help="Published on or after (2021-01-01 or ISO 8601; UTC unless a zone is given).",
-        ),
-    ] = None,
-    until: Annotated[
-        str | None,
-        typer.Option("--until", help="Published before (exclusive; same format as --since)."),
-    ] = None,
+    filters: retrieval_pb2.SearchFilter,
     top_k: Annotated[
         int,
         typer.Option("-k", "--top-k", min=1, help="How many results (the service allows 1-100)."),
@@ -308,32 +210,17 @@ def search(
     """
     request = build_request(
         query,
-        chains=chain,
-        authors=author,
-        tags=tag,
-        doc_types=doc_type,
-        contracts=contract,
-        source_prefix=source_prefix,
-        since=since,
-        until=until,
+        filters,
         top_k=top_k,
         fusion=fusion,
         dense_weight=dense_weight,
         min_score=min_score,
     )
-    try:
+    with exit_codes():
         config = config_of(ctx)
         response = asyncio.run(_search(Session(config), config.retrieval_target, request))
-    except UsageProblem as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except CliError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     if as_json:
-        typer.echo(
-            json_format.MessageToJson(response, indent=2, always_print_fields_with_no_presence=True)
-        )
+        print_json(response)
     else:
         print_results(Console(), response)
 

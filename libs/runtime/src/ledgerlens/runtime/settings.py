@@ -75,6 +75,9 @@ class ServiceSettings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     #: JetStream server(s), comma separated.
     nats_url: str = "nats://127.0.0.1:4222"
+    #: how often the service reads its consumers' JetStream state (pending, ack pending,
+    #: redelivered, dead letters) into its /metrics gauges (seconds).
+    events_state_interval_seconds: float = Field(default=15.0, gt=0)
     #: SQLAlchemy async URL of the service's relational store.
     database_url: str = "sqlite+aiosqlite:///.data/service.db"
     redis_url: str | None = None

@@ -10,14 +10,20 @@ handler returned; a failure naks with an exponential delay; after
 decode) the message is published, with its headers and the failure, to
 ``<root>.deadletter.<rest of subject>`` and then terminated. A message is never
 acked or terminated before it is either handled or stored in the dead-letter stream.
+
+While consumers run, a background task reads their state from JetStream every
+``state_interval_seconds`` (one ``CONSUMER.INFO`` per consumer, one ``STREAM.INFO`` per
+dead-letter stream) into the gauges of :mod:`ledgerlens.runtime.events.metrics`, so the
+services expose what the NATS exporter would (see :meth:`EventBus.poll_state`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -34,8 +40,13 @@ from nats.js.manager import JetStreamManager
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import Gauge
 
 from ledgerlens.runtime.events.metrics import (
+    CONSUMER_ACK_PENDING,
+    CONSUMER_PENDING,
+    CONSUMER_REDELIVERED,
+    DEAD_LETTER_MESSAGES,
     EVENT_HANDLE_DURATION,
     EVENTS_CONSUMED,
     EVENTS_PUBLISHED,
@@ -45,6 +56,7 @@ from ledgerlens.runtime.events.specs import ConsumerSpec, StreamSpec, dead_lette
 
 __all__ = [
     "CONTENT_TYPE_PROTOBUF",
+    "DEFAULT_STATE_INTERVAL_SECONDS",
     "HEADER_CONTENT_TYPE",
     "HEADER_DLQ_CONSUMER",
     "HEADER_DLQ_DELIVERIES",
@@ -79,6 +91,9 @@ HEADER_DLQ_ORIGINAL_MSG_ID = "Ledgerlens-Original-Msg-Id"
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _MAX_HEADER_VALUE = 1024
 _TRACER_NAME = "ledgerlens.runtime.events"
+
+#: how often a bus with running consumers reads their JetStream state (seconds).
+DEFAULT_STATE_INTERVAL_SECONDS = 15.0
 
 M = TypeVar("M", bound=Message)
 
@@ -129,7 +144,10 @@ class EventBus:
         name: str,
         tracer_provider: trace.TracerProvider | None = None,
         request_timeout: float = 5.0,
+        state_interval_seconds: float = DEFAULT_STATE_INTERVAL_SECONDS,
     ) -> None:
+        if state_interval_seconds <= 0:
+            raise ValueError("state_interval_seconds must be positive")
         self._nc = nc
         self._js: JetStreamContext = nc.jetstream(timeout=request_timeout)
         self._jsm: JetStreamManager = nc.jsm(timeout=request_timeout)
@@ -137,6 +155,14 @@ class EventBus:
         self._tracer = trace.get_tracer(_TRACER_NAME, tracer_provider=tracer_provider)
         self._subscriptions: list[Subscription[Any]] = []
         self._closed = False
+        self._state_interval = state_interval_seconds
+        self._state_task: asyncio.Task[None] | None = None
+        #: dead-letter subject -> the stream that captures it (found once, then kept).
+        self._dead_letter_streams: dict[str, str] = {}
+        #: the label sets this bus set, removed again when it closes.
+        self._reported_consumers: set[tuple[str, str]] = set()
+        self._reported_dead_letters: set[str] = set()
+        self._state_failing = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -150,11 +176,14 @@ class EventBus:
         wait_seconds: float | None = 10.0,
         request_timeout: float = 5.0,
         reconnect_time_wait: float = 0.5,
+        state_interval_seconds: float = DEFAULT_STATE_INTERVAL_SECONDS,
     ) -> EventBus:
         """Connect to ``url`` (comma separated for a cluster) as client ``name``.
 
         Once connected the client reconnects forever (publishes wait for it up to their
         timeout). ``wait_seconds`` bounds the first connection; ``None`` waits forever.
+        ``state_interval_seconds``: how often the consumers' JetStream state is read into
+        the gauges while consumers run (``ServiceSettings.events_state_interval_seconds``).
         """
 
         async def error_cb(exc: Exception) -> None:
@@ -177,15 +206,23 @@ class EventBus:
             reconnected_cb=reconnected_cb,
         )
         nc = await asyncio.wait_for(connecting, timeout=wait_seconds)
-        return cls(nc, name=name, tracer_provider=tracer_provider, request_timeout=request_timeout)
+        return cls(
+            nc,
+            name=name,
+            tracer_provider=tracer_provider,
+            request_timeout=request_timeout,
+            state_interval_seconds=state_interval_seconds,
+        )
 
     async def close(self, grace_seconds: float = 30.0) -> None:
         """Stop every consumer (in-flight handlers finish), then drain the connection."""
         if self._closed:
             return
         self._closed = True
+        await self._stop_state_poll()
         await asyncio.gather(*(sub.stop(grace_seconds) for sub in self._subscriptions))
         self._subscriptions.clear()
+        self._clear_state_gauges()
         if self._nc.is_closed:
             return
         try:
@@ -320,7 +357,131 @@ class EventBus:
         subscription = Subscription(self, spec, pull, message_type, handler)
         self._subscriptions.append(subscription)
         subscription.start()
+        if self._state_task is None or self._state_task.done():
+            self._state_task = asyncio.create_task(
+                self._poll_state_forever(), name=f"jetstream-state:{self.name}"
+            )
         return subscription
+
+    # -- JetStream state -----------------------------------------------------------------
+
+    async def poll_state(self) -> None:
+        """Read the running consumers' and their dead-letter streams' state into the gauges.
+
+        Per running consumer ``(stream, durable)``: ``num_pending``, ``num_ack_pending``,
+        ``num_redelivered``. Per dead-letter stream that captures a running consumer's
+        ``dead_letter_subject`` (``DEADLETTER`` in production): its message count, all
+        subjects (every service with consumers reports the same total; aggregate with
+        ``max``). Never raises: a failed read keeps the gauge's last value (a scrape during
+        a NATS blip shows the state from before it); a consumer or stream the server no
+        longer has is removed from the gauges. The first failure is logged as a warning,
+        repeats at debug, the recovery at info.
+        """
+        specs = {
+            (sub.spec.stream, sub.spec.durable): sub.spec
+            for sub in self._subscriptions
+            if sub.running
+        }
+        failures: list[str] = []
+        for key, spec in specs.items():
+            try:
+                info = await self._jsm.consumer_info(spec.stream, spec.durable)
+            except nats.js.errors.NotFoundError:
+                self._remove_consumer_gauges(key)
+                failures.append(f"consumer {spec.stream}/{spec.durable} not found")
+                continue
+            except (TimeoutError, nats.errors.Error) as exc:
+                failures.append(f"consumer {spec.stream}/{spec.durable}: {exc!r}")
+                continue
+            labels = {"stream": spec.stream, "consumer": spec.durable}
+            CONSUMER_PENDING.labels(**labels).set(info.num_pending or 0)
+            CONSUMER_ACK_PENDING.labels(**labels).set(info.num_ack_pending or 0)
+            CONSUMER_REDELIVERED.labels(**labels).set(info.num_redelivered or 0)
+            self._reported_consumers.add(key)
+        for stream in await self._dead_letter_stream_names(specs.values(), failures):
+            try:
+                stream_info = await self._jsm.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                self._forget_dead_letter_stream(stream)
+                failures.append(f"dead-letter stream {stream} not found")
+                continue
+            except (TimeoutError, nats.errors.Error) as exc:
+                failures.append(f"dead-letter stream {stream}: {exc!r}")
+                continue
+            DEAD_LETTER_MESSAGES.labels(stream=stream).set(stream_info.state.messages)
+            self._reported_dead_letters.add(stream)
+        self._report_state_poll(failures)
+
+    async def _dead_letter_stream_names(
+        self, specs: Iterable[ConsumerSpec], failures: list[str]
+    ) -> list[str]:
+        """The streams that capture the consumers' dead letters (looked up once each)."""
+        for spec in specs:
+            subject = dead_letter_subject(spec.filter_subject)
+            if subject in self._dead_letter_streams:
+                continue
+            try:
+                found = await self._jsm.find_stream_name_by_subject(subject)
+            except nats.js.errors.NotFoundError:
+                # No dead-letter stream (yet): nothing to report; looked up again next time.
+                continue
+            except (TimeoutError, nats.errors.Error) as exc:
+                failures.append(f"stream of {subject}: {exc!r}")
+                continue
+            self._dead_letter_streams[subject] = found
+        return sorted(set(self._dead_letter_streams.values()))
+
+    def _forget_dead_letter_stream(self, stream: str) -> None:
+        for subject in [s for s, name in self._dead_letter_streams.items() if name == stream]:
+            del self._dead_letter_streams[subject]
+        if stream in self._reported_dead_letters:
+            self._reported_dead_letters.discard(stream)
+            _remove_labels(DEAD_LETTER_MESSAGES, stream)
+
+    def _remove_consumer_gauges(self, key: tuple[str, str]) -> None:
+        if key in self._reported_consumers:
+            self._reported_consumers.discard(key)
+            for gauge in (CONSUMER_PENDING, CONSUMER_ACK_PENDING, CONSUMER_REDELIVERED):
+                _remove_labels(gauge, *key)
+
+    def _clear_state_gauges(self) -> None:
+        """Remove this bus's series: a closed bus reports no consumer state."""
+        for key in list(self._reported_consumers):
+            self._remove_consumer_gauges(key)
+        for stream in list(self._reported_dead_letters):
+            self._forget_dead_letter_stream(stream)
+
+    def _report_state_poll(self, failures: list[str]) -> None:
+        if failures and not self._state_failing:
+            log.warning(
+                "event bus %s: reading JetStream state failed (%s); keeping the last values",
+                self.name,
+                "; ".join(failures),
+            )
+        elif failures:
+            log.debug("event bus %s: reading JetStream state failed: %s", self.name, failures)
+        elif self._state_failing:
+            log.info("event bus %s: reading JetStream state works again", self.name)
+        self._state_failing = bool(failures)
+
+    async def _poll_state_forever(self) -> None:
+        while True:
+            if not self._nc.is_closed:
+                try:
+                    await self.poll_state()
+                # The gauges are diagnostics: nothing in them may take the service down.
+                except Exception:
+                    log.exception("event bus %s: reading JetStream state failed", self.name)
+            await asyncio.sleep(self._state_interval)
+
+    async def _stop_state_poll(self) -> None:
+        task, self._state_task = self._state_task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            log.error("event bus %s: state poll ended with %r", self.name, task.exception())
 
     @property
     def tracer(self) -> trace.Tracer:
@@ -350,6 +511,12 @@ class EventBus:
         ack = await self._js.publish(dead_letter_subject(msg.subject), msg.data, headers=headers)
         EVENTS_PUBLISHED.labels(subject=dead_letter_subject(msg.subject)).inc()
         return ack
+
+
+def _remove_labels(gauge: Gauge, *labels: str) -> None:
+    # Another bus of the same process may have removed them already (tests).
+    with contextlib.suppress(KeyError):
+        gauge.remove(*labels)
 
 
 class Subscription(Generic[M]):
@@ -396,6 +563,7 @@ class Subscription(Generic[M]):
                 await asyncio.wait({task})
         if task is not None and task.done() and not task.cancelled() and task.exception():
             log.error("consumer %s ended with %r", self.spec.durable, task.exception())
+        self._bus._remove_consumer_gauges((self.spec.stream, self.spec.durable))
         try:
             await self._pull.unsubscribe()
         except (nats.errors.Error, ValueError) as exc:

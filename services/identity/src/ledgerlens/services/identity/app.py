@@ -59,7 +59,11 @@ async def run_identity(
         await core.start()
         ca = CertificateAuthority.from_settings(settings, CaStore(session_factory(engine)))
 
-        bus = await EventBus.connect(settings.nats_url, "identity")
+        bus = await EventBus.connect(
+            settings.nats_url,
+            "identity",
+            state_interval_seconds=settings.events_state_interval_seconds,
+        )
         stack.push_async_callback(bus.close)
         await bus.ensure_stream(stream)
         relay = OutboxRelay(bus, engine, table=OUTBOX)

@@ -79,7 +79,11 @@ async def run_ingestion(
         engine = create_engine(settings.database_url)
         stack.push_async_callback(engine.dispose)
 
-        bus = await EventBus.connect(settings.nats_url, "ingestion")
+        bus = await EventBus.connect(
+            settings.nats_url,
+            "ingestion",
+            state_interval_seconds=settings.events_state_interval_seconds,
+        )
         stack.push_async_callback(bus.close)
         await bus.ensure_stream(streams["INGESTION"])
         relay = OutboxRelay(bus, engine, table=OUTBOX)
@@ -105,6 +109,7 @@ async def run_ingestion(
         )
 
         await bus.ensure_stream(streams["LEDGER"])  # declared by whoever starts first
+        await bus.ensure_stream(streams["DEADLETTER"])  # what the consumer gives up on
         await bus.subscribe(anchor_consumer, events_pb2.AnchorCommitted, AnchorHandler(store))
 
         app = build_ops_app(

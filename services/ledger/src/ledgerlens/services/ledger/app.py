@@ -107,10 +107,15 @@ async def run_ledger(
         stack.push_async_callback(backend.close)
         anchoring = Anchoring(backend, settings.chaincode)
 
-        bus = await EventBus.connect(settings.nats_url, "ledger")
+        bus = await EventBus.connect(
+            settings.nats_url,
+            "ledger",
+            state_interval_seconds=settings.events_state_interval_seconds,
+        )
         stack.push_async_callback(bus.close)
-        for name in ("LEDGER", "INGESTION", "INFERENCE"):
-            await bus.ensure_stream(streams[name])  # declared by whoever starts first
+        # declared by whoever starts first; DEADLETTER keeps what the consumers give up on
+        for name in ("LEDGER", "INGESTION", "INFERENCE", "DEADLETTER"):
+            await bus.ensure_stream(streams[name])
         relay = OutboxRelay(bus, engine, table=OUTBOX)
         relay.start()
         stack.push_async_callback(relay.stop)

@@ -132,10 +132,15 @@ async def run_retrieval(
         )
 
         # the bus closes (consumers finish their in-flight event) before the index closes
-        bus = await EventBus.connect(settings.nats_url, "retrieval")
+        bus = await EventBus.connect(
+            settings.nats_url,
+            "retrieval",
+            state_interval_seconds=settings.events_state_interval_seconds,
+        )
         stack.push_async_callback(bus.close)
         await bus.ensure_stream(streams["INGESTION"])
         await bus.ensure_stream(streams["LEDGER"])
+        await bus.ensure_stream(streams["DEADLETTER"])  # what the consumers give up on
         handlers = {
             events_pb2.ChunksEmbedded: indexer.on_chunks,
             events_pb2.DocumentVersionRetired: indexer.on_retired,

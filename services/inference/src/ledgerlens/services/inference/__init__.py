@@ -1,0 +1,1 @@
+"""The inference service: an LLM gateway and grounded answers (see README.md)."""
