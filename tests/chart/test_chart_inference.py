@@ -48,6 +48,11 @@ def test_retrieval_target_is_the_releases_retrieval_service(rendered: Rendered) 
     service = rendered.get("Service", "ledgerlens-retrieval")
     grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
     assert config[P + "RAG__RETRIEVAL_TARGET"] == f"ledgerlens-retrieval.ledgerlens.svc:{grpc_port}"
+    # ...with its own token, traded for its client credentials at this release's identity
+    identity_http = rendered.values["services"]["identity"]["httpPort"]
+    assert config[P + "SERVICE_TOKEN_URL"] == (
+        f"http://ledgerlens-identity.ledgerlens.svc:{identity_http}/oauth/token"
+    )
     assert "rag" in Settings.model_fields  # the setting the name comes from
 
 

@@ -238,9 +238,19 @@ def test_notes_name_every_enabled_service() -> None:
     text = notes([VALUES_PROD])
     for svc in ("identity", "ingestion", "retrieval", "inference", "ledger"):
         assert f"ledgerlens-{svc}.ledgerlens.svc:" in text
-    # prod's inference reads its token from existingSecret; dev has none yet
-    assert "no service token" not in text
-    assert "LEDGERLENS_INFERENCE_SERVICE_TOKEN" in notes([VALUES_DEV])
+    # prod's inference reads its credentials from existingSecret; dev has none yet
+    assert "no service credentials" not in text
+    dev = notes([VALUES_DEV])
+    assert "no service credentials" in dev
+    assert "LEDGERLENS_INFERENCE_SERVICE_CLIENT_SECRET" in dev
+    given = notes(
+        [VALUES_DEV],
+        {
+            "services.inference.secretEnv.LEDGERLENS_INFERENCE_SERVICE_CLIENT_ID": "llk_x",
+            "services.inference.secretEnv.LEDGERLENS_INFERENCE_SERVICE_CLIENT_SECRET": "lls_x",
+        },
+    )
+    assert "no service credentials" not in given
     assert "helm test ledgerlens" in text
 
 

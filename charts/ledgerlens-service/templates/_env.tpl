@@ -38,6 +38,9 @@ setting by its full env name.
 {{- if $u.retrievalGrpc -}}
 {{- $r := $v.services.retrieval -}}
 {{- $_ = set $e (print $p "RAG__RETRIEVAL_TARGET") (include "ledgerlens-service.grpcAddress" (dict "root" .root "name" "retrieval" "svc" $r)) -}}
+{{- /* its own token for that call: client credentials (in a Secret) traded here */ -}}
+{{- $i := $v.services.identity -}}
+{{- $_ = set $e (print $p "SERVICE_TOKEN_URL") (printf "http://%s-identity.%s.svc:%d/oauth/token" .root.Release.Name .root.Release.Namespace (int $i.httpPort)) -}}
 {{- end -}}
 {{- /* providers and router from the mounted gateway ConfigMap (keys stay in Secrets) */ -}}
 {{- if .svc.gatewayConfig -}}

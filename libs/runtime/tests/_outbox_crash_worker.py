@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Sequence
 
 from google.protobuf import struct_pb2
 from sqlalchemy import Column, String, Table, insert
@@ -41,7 +42,7 @@ def document_event(document_id: str) -> struct_pb2.Struct:
 
 
 class RelayKilledBeforeMarking(OutboxRelay):
-    async def _mark_published(self, conn: AsyncConnection, row_id: int) -> None:
+    async def _mark_published(self, conn: AsyncConnection, row_ids: Sequence[int]) -> None:
         print("published", flush=True)
         await asyncio.Event().wait()  # the test kills us here
 

@@ -113,7 +113,33 @@ def static_token(token: str | None) -> TokenProvider:
 
 
 def service_token_provider(settings: ServiceSettings) -> TokenProvider:
-    """A provider of the calling service's own token (``<PREFIX>SERVICE_TOKEN``)."""
+    """A provider of the calling service's own token.
+
+    The static ``<PREFIX>SERVICE_TOKEN`` when set; else, with
+    ``<PREFIX>SERVICE_CLIENT_ID``, ``..._SERVICE_CLIENT_SECRET`` and
+    ``..._SERVICE_TOKEN_URL``, an async provider that fetches (and caches, and
+    refreshes) a token from identity by the client-credentials grant; else no token.
+    """
+    if settings.service_token is None:
+        given = {
+            "service_client_id": settings.service_client_id,
+            "service_client_secret": settings.service_client_secret,
+            "service_token_url": settings.service_token_url,
+        }
+        missing = [name for name, value in given.items() if not value]
+        if len(missing) < len(given):
+            if missing:
+                raise ValueError(f"service client credentials need {', '.join(missing)} too")
+            from ledgerlens.runtime.service_tokens import ClientCredentialsTokens
+
+            assert settings.service_client_id is not None
+            assert settings.service_client_secret is not None
+            assert settings.service_token_url is not None
+            return ClientCredentialsTokens(
+                settings.service_token_url,
+                settings.service_client_id,
+                settings.service_client_secret.get_secret_value(),
+            )
 
     def provide() -> str | None:
         secret = settings.service_token

@@ -46,6 +46,7 @@ __all__ = [
     "Supervisor",
     "load_registry",
     "main",
+    "provision_service_credentials",
     "service_env",
 ]
 
@@ -53,6 +54,8 @@ HOST = "127.0.0.1"
 NATS_PORT = 4222
 NATS_MONITOR_PORT = 8222
 STATE_FILE = "devstack.json"
+CREDENTIALS_TENANT = "devstack"
+TOKEN_PATH = "/oauth/token"  # noqa: S105 - identity's token endpoint, no secret
 PID_FILE = "devstack.pid"
 LOG_TAIL_LINES = 30
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -74,6 +77,8 @@ class ServiceEntry:
     http_port: int
     env: Mapping[str, str] = field(default_factory=dict)
     ready_path: str = "/readyz"
+    #: scopes of the service's own API key (``make up`` provisions it); none: no key.
+    service_scopes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -115,6 +120,7 @@ def load_registry(path: Path | None = None) -> list[ServiceEntry]:
             http_port=int(item["http_port"]),
             env={str(k): str(v) for k, v in item.get("env", {}).items()},
             ready_path=item.get("ready_path", "/readyz"),
+            service_scopes=tuple(str(scope) for scope in item.get("service_scopes", ())),
         )
         for item in data.get("services", [])
     ]
@@ -290,6 +296,95 @@ def service_env(
     return env
 
 
+def _parse_create_key(output: str) -> tuple[str, str]:
+    """client_id and client_secret from identity's ``create-key`` output."""
+    found: dict[str, str] = {}
+    for line in output.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("client_id", "client_secret") and value.strip():
+            found[key.strip()] = value.strip()
+    if set(found) != {"client_id", "client_secret"}:
+        raise RuntimeError("identity create-key printed no client_id/client_secret")
+    return found["client_id"], found["client_secret"]
+
+
+async def _credentials_work(token_url: str, client_id: str, secret: str) -> bool:
+    """Whether identity still knows the key (it answers anything but 401 invalid_client)."""
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            response = await http.post(
+                token_url,
+                data={"grant_type": "client_credentials"},
+                auth=httpx.BasicAuth(client_id, secret),
+            )
+    except httpx.HTTPError:
+        return True  # cannot tell: keep them
+    return response.status_code != 401
+
+
+async def provision_service_credentials(
+    service: str,
+    scopes: Sequence[str],
+    *,
+    data_dir: Path,
+    identity_env: Mapping[str, str],
+    token_url: str | None = None,
+    timeout: float = 60.0,  # noqa: ASYNC109 - a subprocess's time limit
+) -> dict[str, str]:
+    """The API key ``<service>-service`` of tenant ``devstack`` with ``scopes``.
+
+    Created once with identity's own CLI (``create-key``, on the database that
+    ``identity_env`` points at) and kept in ``<data_dir>/devstack/<service>-service-
+    credentials.json`` (mode 0600); later calls reuse it while its scopes match and, with
+    ``token_url``, identity still accepts it. Returns ``client_id`` and ``client_secret``.
+    """
+    path = data_dir / "devstack" / f"{service}-service-credentials.json"
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        creds = {"client_id": str(saved["client_id"]), "client_secret": str(saved["client_secret"])}
+        if sorted(saved["scopes"]) == sorted(scopes) and (
+            token_url is None
+            or await _credentials_work(token_url, creds["client_id"], creds["client_secret"])
+        ):
+            return creds
+    argv = [sys.executable, "-m", "ledgerlens.services.identity", "create-key"]
+    argv += ["--tenant", CREDENTIALS_TENANT, "--name", f"{service}-service"]
+    for scope in scopes:
+        argv += ["--scope", scope]
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=dict(os.environ) | dict(identity_env) | {"COLUMNS": "500", "NO_COLOR": "1"},
+    )
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise RuntimeError(f"identity create-key for {service} took over {timeout:g}s") from None
+    text = out.decode(errors="replace")
+    if process.returncode != 0:
+        tail = "\n".join(text.splitlines()[-10:])
+        raise RuntimeError(f"identity create-key for {service} failed:\n{tail}")
+    client_id, secret = _parse_create_key(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        record = {
+            "tenant": CREDENTIALS_TENANT,
+            "client_id": client_id,
+            "client_secret": secret,
+            "scopes": list(scopes),
+        }
+        json.dump(record, file, indent=2)
+    tmp.replace(path)
+    return {"client_id": client_id, "client_secret": secret}
+
+
 class Supervisor:
     """Starts NATS and the services, watches them, stops them."""
 
@@ -382,9 +477,13 @@ class Supervisor:
             entry.name: (pick_port(entry.grpc_port, taken), pick_port(entry.http_port, taken))
             for entry in self.entries
         }
+        identity: tuple[ServiceEntry, Child, dict[str, str]] | None = None
         for entry in self.entries:
             grpc_port, http_port = ports[entry.name]
             peers = {name: p for name, p in ports.items() if name != entry.name}
+            extra_env = (
+                await self._service_credentials(entry, identity) if entry.service_scopes else {}
+            )
             child = Child(
                 name=entry.name,
                 argv=[sys.executable, "-m", entry.module],
@@ -396,16 +495,22 @@ class Supervisor:
                 ports={"grpc": grpc_port, "http": http_port},
             )
             (self.data_dir / entry.name).mkdir(exist_ok=True)
-            child_env = env | service_env(
-                entry,
-                grpc_port=grpc_port,
-                http_port=http_port,
-                nats_url=nats_url,
-                data_dir=self.data_dir,
-                peers=peers,
+            child_env = (
+                env
+                | service_env(
+                    entry,
+                    grpc_port=grpc_port,
+                    http_port=http_port,
+                    nats_url=nats_url,
+                    data_dir=self.data_dir,
+                    peers=peers,
+                )
+                | extra_env
             )
             await child.start(child_env, cwd)
             self.services.append(child)
+            if entry.name == "identity":
+                identity = (entry, child, child_env)
         self.write_state()
         # Concurrently: a service may wait for another one (e.g. identity's JWKS).
         try:
@@ -417,6 +522,41 @@ class Supervisor:
             raise failures.exceptions[0] from None
         self.status = "ready"
         self.write_state()
+
+    async def _service_credentials(
+        self, entry: ServiceEntry, identity: tuple[ServiceEntry, Child, dict[str, str]] | None
+    ) -> dict[str, str]:
+        """The env of ``entry``'s own API key, once identity is ready."""
+        if identity is None:
+            err_console.print(
+                f"[yellow]{entry.name} wants service credentials, but identity does not run "
+                "(or starts after it): it gets none"
+            )
+            return {}
+        identity_entry, identity_child, identity_env = identity
+        http_url = identity_child.endpoints["http"]
+        await self._wait_ready(
+            identity_child, f"{http_url}{identity_entry.ready_path}", identity_child.ports["grpc"]
+        )
+        token_url = f"{http_url}{TOKEN_PATH}"
+        try:
+            creds = await provision_service_credentials(
+                entry.name,
+                entry.service_scopes,
+                data_dir=self.data_dir,
+                identity_env=identity_env,
+                token_url=token_url,
+            )
+        except RuntimeError as exc:
+            raise StartError(
+                identity_child, f"could not provision {entry.name}'s key: {exc}"
+            ) from None
+        prefix = f"LEDGERLENS_{entry.name.upper()}_"
+        return {
+            f"{prefix}SERVICE_CLIENT_ID": creds["client_id"],
+            f"{prefix}SERVICE_CLIENT_SECRET": creds["client_secret"],
+            f"{prefix}SERVICE_TOKEN_URL": token_url,
+        }
 
     async def _wait_ready(self, child: Child, url: str, tcp_port: int) -> None:
         deadline = time.monotonic() + self.ready_timeout

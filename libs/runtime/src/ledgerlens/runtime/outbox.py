@@ -11,12 +11,12 @@
     await relay.stop()
 
 The relay publishes unpublished rows in id order, each with its ``msg_id`` as
-``Nats-Msg-Id``, and marks them published. A crash after the publish but before the
-mark re-publishes the row on restart, and JetStream's duplicate window stores it once
-(consumers are idempotent as well, for restarts later than the window). On PostgreSQL
-several relays may run: each claims its batch with ``SELECT ... FOR UPDATE SKIP
-LOCKED`` (so order holds within a batch, not across concurrent relays). On SQLite run
-one relay per database file.
+``Nats-Msg-Id``, then marks the batch published in one statement. A crash after a
+publish but before the mark re-publishes the row on restart, and JetStream's duplicate
+window stores it once (consumers are idempotent as well, for restarts later than the
+window). On PostgreSQL several relays may run: each claims its batch with ``SELECT ...
+FOR UPDATE SKIP LOCKED`` (so order holds within a batch, not across concurrent relays).
+On SQLite run one relay per database file.
 
 The table lives in the service's own MetaData, so its alembic migrations create it::
 
@@ -237,7 +237,8 @@ class OutboxRelay:
         self, conn: AsyncConnection, rows: Sequence[Row[Any, Any, Any, Any, Any]]
     ) -> tuple[int, BaseException | None]:
         t = self._table
-        published = 0
+        done: list[int] = []
+        failure: BaseException | None = None
         for row in rows:
             headers = dict(row.headers or {})
             try:
@@ -256,16 +257,23 @@ class OutboxRelay:
                     .where(t.c.id == row.id)
                     .values(attempts=t.c.attempts + 1, last_error=repr(exc)[:_MAX_ERROR_TEXT])
                 )
-                return published, exc
-            await self._mark_published(conn, row.id)
-            published += 1
-        return published, None
+                failure = exc
+                break
+            done.append(row.id)
+        if done:
+            await self._mark_published(conn, done)
+        return len(done), failure
 
-    async def _mark_published(self, conn: AsyncConnection, row_id: int) -> None:
+    async def _mark_published(self, conn: AsyncConnection, row_ids: Sequence[int]) -> None:
+        # One UPDATE for the batch, after its publishes: on SQLite the first write of a
+        # transaction takes the database's write lock, and marking each row as it went
+        # held that lock across every later publish, stalling the writers whose commits
+        # fill the outbox. A crash before this UPDATE republishes the batch under the
+        # same Nats-Msg-Id, which JetStream drops as duplicates.
         t = self._table
         await conn.execute(
             update(t)
-            .where(t.c.id == row_id)
+            .where(t.c.id.in_(list(row_ids)))
             .values(published_at=_now(), attempts=t.c.attempts + 1, last_error=None)
         )
 

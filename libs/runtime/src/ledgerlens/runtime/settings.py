@@ -89,4 +89,14 @@ class ServiceSettings(BaseSettings):
     #: fraction of root traces sampled (0..1) when tracing is on.
     trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)
     #: a token for calls this service makes on its own behalf (service-to-service).
+    #: A static token wins over the client credentials below; identity's tokens are
+    #: short-lived, so a deployed service should use client credentials instead.
     service_token: SecretStr | None = None
+    #: the service's own API key (client credentials grant): with ``service_token_url``
+    #: the service fetches its token from identity, caches it until shortly before it
+    #: expires and fetches a new one (``make up`` provisions these for a service whose
+    #: registry entry declares ``service_scopes``).
+    service_client_id: str | None = None
+    service_client_secret: SecretStr | None = None
+    #: identity's OAuth2 token endpoint, e.g. ``http://identity:8081/oauth/token``.
+    service_token_url: str | None = None

@@ -465,6 +465,7 @@ class EventBus:
         self._state_failing = bool(failures)
 
     async def _poll_state_forever(self) -> None:
+        me = asyncio.current_task()
         while True:
             if not self._nc.is_closed:
                 try:
@@ -472,6 +473,11 @@ class EventBus:
                 # The gauges are diagnostics: nothing in them may take the service down.
                 except Exception:
                     log.exception("event bus %s: reading JetStream state failed", self.name)
+            # nats-py turns a cancelled request into one of its own errors, which the poll
+            # records as a failure: a stop that arrived meanwhile would be swallowed and
+            # the loop would sleep on, so the pending cancellation is honoured here.
+            if me is not None and me.cancelling():
+                raise asyncio.CancelledError
             await asyncio.sleep(self._state_interval)
 
     async def _stop_state_poll(self) -> None:

@@ -111,6 +111,7 @@ async def run_inference(
         )
         stack.push_async_callback(bus.close)
         await bus.ensure_stream(streams["INFERENCE"])
+        await bus.ensure_stream(streams["DEADLETTER"])  # what the consumer gives up on
         relay = OutboxRelay(bus, engine, table=OUTBOX, poll_interval=settings.outbox_poll_seconds)
         relay.start()
         stack.push_async_callback(relay.stop)
