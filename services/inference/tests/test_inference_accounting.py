@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from _inference_support import PROMPT_MARKER, migrated_engine, redis_prefix
@@ -17,6 +18,7 @@ from ledgerlens.runtime.outbox import OutboxRelay
 from ledgerlens.runtime.testing import EventNames
 from ledgerlens.services.inference.accounting import (
     Accountant,
+    Recorded,
     cost_micro_usd,
     messages_sha256,
     resolve_usage,
@@ -42,6 +44,22 @@ ANSWER = f"It changes the fee market [1]. {PROMPT_MARKER}"
 def per_1k(input_micro_usd: int, output_micro_usd: int) -> ModelPrice:
     """A price in the one unit of the service: integer micro-USD per 1,000 tokens."""
     return ModelPrice(input_per_1k=input_micro_usd, output_per_1k=output_micro_usd)
+
+
+async def _record(accountant: Accountant, completion_id: str, **overrides: Any) -> Recorded:
+    """``accountant.record`` with the tests' usual completion; ``overrides`` win."""
+    fields: dict[str, Any] = {
+        "kind": "chat",
+        "tenant_id": "t",
+        "api_key_id": "k",
+        "model": "m",
+        "provider": "p",
+        "usage": None,
+        "prices": None,
+        "messages": MESSAGES,
+        "answer": ANSWER,
+    }
+    return await accountant.record(completion_id=completion_id, **(fields | overrides))
 
 
 @pytest.mark.parametrize(
@@ -84,48 +102,24 @@ async def test_record_writes_row_and_event_without_text(database_url: str) -> No
     async with migrated_engine(database_url) as engine:
         store = UsageStore(engine)
         accountant = Accountant(store)
-        recorded = await accountant.record(
-            completion_id="c-1",
+        first = {"tenant_id": "t1", "api_key_id": "k1", "model": "gpt-x", "provider": "openai"}
+        recorded = await _record(
+            accountant,
+            "c-1",
+            **first,
             kind="answer",
-            tenant_id="t1",
-            api_key_id="k1",
-            model="gpt-x",
-            provider="openai",
             usage=TokenUsage(1000, 500),
             prices=per_1k(1500, 2000),
-            messages=MESSAGES,
-            answer=ANSWER,
             cited_chunk_ids=["chunk-1"],
         )
         assert recorded.inserted
         assert recorded.cost_micro_usd == 2500
         assert recorded.prompt_sha256 == messages_sha256(MESSAGES)
         assert recorded.answer_sha256 == sha256_hex(ANSWER)
-        again = await accountant.record(
-            completion_id="c-1",
-            kind="answer",
-            tenant_id="t1",
-            api_key_id="k1",
-            model="gpt-x",
-            provider="openai",
-            usage=TokenUsage(1, 1),
-            prices=None,
-            messages=MESSAGES,
-            answer=ANSWER,
-        )
+        again = await _record(accountant, "c-1", **first, kind="answer", usage=TokenUsage(1, 1))
         assert not again.inserted
-        cached = await accountant.record(
-            completion_id="c-2",
-            kind="chat",
-            tenant_id="t1",
-            api_key_id="k1",
-            model="gpt-x",
-            provider="openai",
-            usage=None,
-            prices=per_1k(1_000_000, 1_000_000),
-            messages=MESSAGES,
-            answer=ANSWER,
-            cached=True,
+        cached = await _record(
+            accountant, "c-2", **first, prices=per_1k(1_000_000, 1_000_000), cached=True
         )
         assert cached.cost_micro_usd == 0
         assert cached.usage.estimated
@@ -165,29 +159,24 @@ async def test_usage_is_aggregated_in_sql(database_url: str) -> None:
             ("e", "k1", "m2", datetime(2026, 2, 1, 0, 0, tzinfo=UTC), 160),
         ]
         for cid, key, model, at, tokens in samples:
-            await accountant.record(
-                completion_id=cid,
-                kind="chat",
-                tenant_id="t",
+            await _record(
+                accountant,
+                cid,
                 api_key_id=key,
                 model=model,
-                provider="p",
                 usage=TokenUsage(tokens, 1),
                 prices=per_1k(1000, 0),
-                messages=MESSAGES,
                 answer="x",
                 occurred_at=at,
             )
-        await accountant.record(
-            completion_id="other",
-            kind="chat",
+        await _record(
+            accountant,
+            "other",
             tenant_id="t2",
             api_key_id="k1",
             model="m1",
-            provider="p",
             usage=TokenUsage(1, 1),
-            prices=None,
-            messages=MESSAGES,
+            answer="",
             occurred_at=datetime(2026, 1, 31, 10, 0, tzinfo=UTC),
         )
         since, until = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC)
@@ -231,18 +220,7 @@ async def test_outbox_relay_publishes_the_event_exactly_once(
     async with migrated_engine(sqlite_url) as engine:
         relay = OutboxRelay(event_bus, engine, table=OUTBOX)
         accountant = Accountant(UsageStore(engine), relay=relay, subject=event_names.subject)
-        await accountant.record(
-            completion_id="c-nats",
-            kind="chat",
-            tenant_id="t",
-            api_key_id="k",
-            model="m",
-            provider="p",
-            usage=TokenUsage(3, 4),
-            prices=None,
-            messages=MESSAGES,
-            answer=ANSWER,
-        )
+        await _record(accountant, "c-nats", usage=TokenUsage(3, 4))
         assert await relay.publish_all() == 1
         assert await relay.publish_all() == 0
         # a crash between publish and mark re-publishes: JetStream stores it once
@@ -286,18 +264,7 @@ async def test_no_prompt_text_in_logs(sqlite_url: str, caplog: pytest.LogCapture
     await cache.put_chat(params, "t", ANSWER.encode())
     await cache.get_chat(params, "t")
     async with migrated_engine(sqlite_url) as engine:
-        await Accountant(UsageStore(engine)).record(
-            completion_id="c-log",
-            kind="chat",
-            tenant_id="t",
-            api_key_id="k",
-            model="m",
-            provider="p",
-            usage=None,
-            prices=None,
-            messages=MESSAGES,
-            answer=ANSWER,
-        )
+        await _record(Accountant(UsageStore(engine)), "c-log")
     assert any("accounted completion c-log" in r.getMessage() for r in caplog.records)
     assert any("moderation refused" in r.getMessage() for r in caplog.records)
     for record in caplog.records:

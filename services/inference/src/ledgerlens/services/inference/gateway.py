@@ -314,6 +314,60 @@ class Gateway:
             for replay in await on_replay(events):
                 yield replay
 
+    async def _settled_unary(
+        self,
+        admit: Callable[[], Awaitable[Reservation]],
+        caller: Caller,
+        rpc: str,
+        key: str,
+        request: ProtoMessage,
+        response_type: type[R],
+        once: Callable[[], Awaitable[tuple[R, int]]],
+        on_replay: Callable[[R], Awaitable[R]],
+    ) -> R:
+        """Admit, then :meth:`_unary` over ``once`` (a response and the tokens it
+        spent); the reservation is settled with those tokens, or released."""
+        reservation = await admit()
+        spent: int | None = None
+        try:
+
+            async def produce() -> R:
+                nonlocal spent
+                response, spent = await once()
+                return response
+
+            return await self._unary(caller, rpc, key, request, response_type, produce, on_replay)
+        finally:
+            await self._settle(reservation, spent)
+
+    async def _settled_stream(
+        self,
+        admit: Callable[[], Awaitable[Reservation]],
+        caller: Caller,
+        rpc: str,
+        key: str,
+        request: ProtoMessage,
+        event_type: type[E],
+        source: Callable[[Callable[[int], None]], AsyncIterator[E]],
+        on_replay: Callable[[list[E]], Awaitable[list[E]]],
+    ) -> AsyncIterator[E]:
+        """Admit, then :meth:`_streamed` over ``source``, which reports the tokens it
+        spent through the callback it is given; settled like :meth:`_settled_unary`."""
+        reservation = await admit()
+        spent: int | None = None
+
+        def spend(tokens: int) -> None:
+            nonlocal spent
+            spent = tokens
+
+        try:
+            async for event in self._streamed(
+                caller, rpc, key, request, event_type, lambda: source(spend), on_replay
+            ):
+                yield event
+        finally:
+            await self._settle(reservation, spent)
+
     def _estimate(self, messages: Sequence[Message], max_tokens: int | None) -> int:
         # counting tokens locally costs CPU on every call: only when a limit reads it
         if not self.limiter.counts_tokens:
@@ -333,34 +387,27 @@ class Gateway:
 
     # ------------------------------------------------------------------ chat
 
-    async def chat(
-        self, caller: Caller, call: ChatCall, request: inference_pb2.ChatRequest, deadline: Deadline
-    ) -> inference_pb2.ChatResponse:
-        self._target(call.model, "chat", "model")
-        reservation = await self._admit(
+    async def _chat_admit(self, caller: Caller, call: ChatCall, path: str) -> Reservation:
+        self._target(call.model, "chat", f"{path}model")
+        return await self._admit(
             caller,
             [m.content for m in call.messages],
             self._estimate(call.messages, call.max_tokens),
         )
-        spent: int | None = None
-        try:
 
-            async def produce() -> inference_pb2.ChatResponse:
-                nonlocal spent
-                response, spent = await self._chat_once(caller, call, deadline)
-                return response
-
-            return await self._unary(
-                caller,
-                "Chat",
-                call.idempotency_key,
-                request,
-                inference_pb2.ChatResponse,
-                produce,
-                lambda r: self._replayed_chat(caller, call, r),
-            )
-        finally:
-            await self._settle(reservation, spent)
+    async def chat(
+        self, caller: Caller, call: ChatCall, request: inference_pb2.ChatRequest, deadline: Deadline
+    ) -> inference_pb2.ChatResponse:
+        return await self._settled_unary(
+            lambda: self._chat_admit(caller, call, ""),
+            caller,
+            "Chat",
+            call.idempotency_key,
+            request,
+            inference_pb2.ChatResponse,
+            lambda: self._chat_once(caller, call, deadline),
+            lambda r: self._replayed_chat(caller, call, r),
+        )
 
     async def _chat_once(
         self, caller: Caller, call: ChatCall, deadline: Deadline
@@ -418,55 +465,45 @@ class Gateway:
         response.usage.cost_micro_usd = 0
         return response
 
-    async def chat_stream(
+    def chat_stream(
         self,
         caller: Caller,
         call: ChatCall,
         request: inference_pb2.ChatStreamRequest,
         deadline: Deadline,
     ) -> AsyncIterator[inference_pb2.ChatStreamResponse]:
-        self._target(call.model, "chat", "chat.model")
-        reservation = await self._admit(
-            caller,
-            [m.content for m in call.messages],
-            self._estimate(call.messages, call.max_tokens),
-        )
-        spent: int | None = None
-        try:
-
-            async def source() -> AsyncIterator[inference_pb2.ChatStreamResponse]:
-                nonlocal spent
-                params = self._params(call.model, call.messages, call)
-                namespace = self._namespace(caller, "ChatStream")
-                cached = await self.cache.get_chat(params, namespace)
-                if cached is not None:
-                    spent = 0
-                    events = [
-                        _parse(inference_pb2.ChatStreamResponse, f) for f in unpack_frames(cached)
-                    ]
-                    for event in await self._replayed_chat_events(caller, call, events):
-                        yield event
-                    return
-                frames: list[bytes] = []
-                async for event in self._chat_events(caller, call, deadline):
-                    frames.append(event.SerializeToString())
-                    if event.HasField("usage"):
-                        spent = event.usage.total_tokens
+        async def source(
+            spend: Callable[[int], None],
+        ) -> AsyncIterator[inference_pb2.ChatStreamResponse]:
+            params = self._params(call.model, call.messages, call)
+            namespace = self._namespace(caller, "ChatStream")
+            cached = await self.cache.get_chat(params, namespace)
+            if cached is not None:
+                spend(0)
+                events = [
+                    _parse(inference_pb2.ChatStreamResponse, f) for f in unpack_frames(cached)
+                ]
+                for event in await self._replayed_chat_events(caller, call, events):
                     yield event
-                await self.cache.put_chat(params, namespace, pack_frames(frames))
-
-            async for event in self._streamed(
-                caller,
-                "ChatStream",
-                call.idempotency_key,
-                request,
-                inference_pb2.ChatStreamResponse,
-                source,
-                lambda events: self._replayed_chat_events(caller, call, events),
-            ):
+                return
+            frames: list[bytes] = []
+            async for event in self._chat_events(caller, call, deadline):
+                frames.append(event.SerializeToString())
+                if event.HasField("usage"):
+                    spend(event.usage.total_tokens)
                 yield event
-        finally:
-            await self._settle(reservation, spent)
+            await self.cache.put_chat(params, namespace, pack_frames(frames))
+
+        return self._settled_stream(
+            lambda: self._chat_admit(caller, call, "chat."),
+            caller,
+            "ChatStream",
+            call.idempotency_key,
+            request,
+            inference_pb2.ChatStreamResponse,
+            source,
+            lambda events: self._replayed_chat_events(caller, call, events),
+        )
 
     async def _chat_events(
         self, caller: Caller, call: ChatCall, deadline: Deadline
@@ -615,26 +652,16 @@ class Gateway:
         request: inference_pb2.AnswerRequest,
         deadline: Deadline,
     ) -> inference_pb2.AnswerResponse:
-        reservation = await self._answer_admit(caller, call, "")
-        spent: int | None = None
-        try:
-
-            async def produce() -> inference_pb2.AnswerResponse:
-                nonlocal spent
-                response, spent = await self._answer_once(caller, call, deadline)
-                return response
-
-            return await self._unary(
-                caller,
-                "Answer",
-                call.idempotency_key,
-                request,
-                inference_pb2.AnswerResponse,
-                produce,
-                lambda r: self._replayed_answer(caller, call, r),
-            )
-        finally:
-            await self._settle(reservation, spent)
+        return await self._settled_unary(
+            lambda: self._answer_admit(caller, call, ""),
+            caller,
+            "Answer",
+            call.idempotency_key,
+            request,
+            inference_pb2.AnswerResponse,
+            lambda: self._answer_once(caller, call, deadline),
+            lambda r: self._replayed_answer(caller, call, r),
+        )
 
     async def _answer_once(
         self, caller: Caller, call: AnswerCall, deadline: Deadline
@@ -706,36 +733,31 @@ class Gateway:
         response.usage.cost_micro_usd = 0
         return response
 
-    async def answer_stream(
+    def answer_stream(
         self,
         caller: Caller,
         call: AnswerCall,
         request: inference_pb2.AnswerStreamRequest,
         deadline: Deadline,
     ) -> AsyncIterator[inference_pb2.AnswerStreamResponse]:
-        reservation = await self._answer_admit(caller, call, "answer.")
-        spent: int | None = None
-        try:
-
-            async def source() -> AsyncIterator[inference_pb2.AnswerStreamResponse]:
-                nonlocal spent
-                async for event in self._answer_events(caller, call, deadline):
-                    if event.HasField("usage"):
-                        spent = event.usage.total_tokens
-                    yield event
-
-            async for event in self._streamed(
-                caller,
-                "AnswerStream",
-                call.idempotency_key,
-                request,
-                inference_pb2.AnswerStreamResponse,
-                source,
-                lambda events: self._replayed_answer_events(caller, call, events),
-            ):
+        async def source(
+            spend: Callable[[int], None],
+        ) -> AsyncIterator[inference_pb2.AnswerStreamResponse]:
+            async for event in self._answer_events(caller, call, deadline):
+                if event.HasField("usage"):
+                    spend(event.usage.total_tokens)
                 yield event
-        finally:
-            await self._settle(reservation, spent)
+
+        return self._settled_stream(
+            lambda: self._answer_admit(caller, call, "answer."),
+            caller,
+            "AnswerStream",
+            call.idempotency_key,
+            request,
+            inference_pb2.AnswerStreamResponse,
+            source,
+            lambda events: self._replayed_answer_events(caller, call, events),
+        )
 
     async def _answer_events(
         self, caller: Caller, call: AnswerCall, deadline: Deadline
