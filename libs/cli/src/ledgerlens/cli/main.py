@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ledgerlens.cli import ask, identity, ingest, ledger, search
+from ledgerlens.cli import ask, identity, ingest, ledger, search, status
 from ledgerlens.cli.config import (
     CONFIG_DIR_ENV,
     DEFAULT_IDENTITY_TARGET,
@@ -118,6 +118,7 @@ ingest.register(app)
 search.register(app)
 ledger.register(app)
 ask.register(app)
+status.register(app)
 
 
 if __name__ == "__main__":
