@@ -44,6 +44,7 @@ from ledgerlens.runtime.net import free_port
 __all__ = [
     "ServiceEntry",
     "Supervisor",
+    "first_key_help",
     "load_registry",
     "main",
     "provision_service_credentials",
@@ -203,6 +204,13 @@ class Child:
     ports: dict[str, int]
     process: asyncio.subprocess.Process | None = None
     ready: bool = False
+    #: what ``Supervisor`` polls until the child is ready: an HTTP URL answering 200
+    #: and a TCP port accepting connections (empty/0: not known)
+    ready_url: str = ""
+    ready_port: int = 0
+    #: the environment and directory of the last start, so a restart runs it the same way
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    cwd: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -210,6 +218,9 @@ class Child:
         return self.process.pid
 
     async def start(self, env: Mapping[str, str], cwd: Path) -> None:
+        self.env = dict(env)
+        self.cwd = cwd
+        self.ready = False
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a", encoding="utf-8") as log:
             log.write(f"\n=== devstack: starting {self.name} at {time.ctime()}: {self.argv}\n")
@@ -240,6 +251,14 @@ class Child:
             err_console.print(f"[yellow]{self.name} ignored SIGTERM for {timeout:g}s: killing")
             _signal_group(self.process.pid, signal.SIGKILL)
             await self.process.wait()
+
+    async def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send ``sig`` to the child's process group and wait until it exits."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        _signal_group(self.process.pid, sig)
+        await self.process.wait()
+        self.ready = False
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -395,9 +414,14 @@ class Supervisor:
         *,
         ready_timeout: float = 60.0,
         stop_timeout: float = 10.0,
+        nats_port: int = NATS_PORT,
+        nats_monitor_port: int = NATS_MONITOR_PORT,
     ) -> None:
         self.data_dir = data_dir.resolve()
         self.entries = list(entries)
+        #: the ports NATS prefers (a taken one is replaced by a free one)
+        self.nats_port = nats_port
+        self.nats_monitor_port = nats_monitor_port
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
         self.nats: Child | None = None
@@ -444,8 +468,8 @@ class Supervisor:
         env = dict(os.environ)
         cwd = Path.cwd()
         (self.data_dir / "nats").mkdir(parents=True, exist_ok=True)
-        port = pick_port(NATS_PORT, taken)
-        monitor_port = pick_port(NATS_MONITOR_PORT, taken)
+        port = pick_port(self.nats_port, taken)
+        monitor_port = pick_port(self.nats_monitor_port, taken)
         nats_url = f"nats://{HOST}:{port}"
         self.nats = Child(
             name="nats",
@@ -466,12 +490,12 @@ class Supervisor:
             log_path=self.data_dir / "logs" / "nats.log",
             endpoints={"client": nats_url, "monitoring": f"http://{HOST}:{monitor_port}"},
             ports={"client": port, "monitoring": monitor_port},
+            ready_url=f"http://{HOST}:{monitor_port}/healthz?js-enabled-only=true",
+            ready_port=port,
         )
         await self.nats.start(env, cwd)
         self.write_state()
-        await self._wait_ready(
-            self.nats, f"http://{HOST}:{monitor_port}/healthz?js-enabled-only=true", port
-        )
+        await self._wait_ready(self.nats, self.nats.ready_url, port)
 
         ports = {
             entry.name: (pick_port(entry.grpc_port, taken), pick_port(entry.http_port, taken))
@@ -493,6 +517,8 @@ class Supervisor:
                     "http": f"http://{HOST}:{http_port}",
                 },
                 ports={"grpc": grpc_port, "http": http_port},
+                ready_url=f"http://{HOST}:{http_port}{entry.ready_path}",
+                ready_port=grpc_port,
             )
             (self.data_dir / entry.name).mkdir(exist_ok=True)
             child_env = (
@@ -515,9 +541,8 @@ class Supervisor:
         # Concurrently: a service may wait for another one (e.g. identity's JWKS).
         try:
             async with asyncio.TaskGroup() as group:
-                for entry, child in zip(self.entries, self.services, strict=True):
-                    url = f"http://{HOST}:{child.ports['http']}{entry.ready_path}"
-                    group.create_task(self._wait_ready(child, url, child.ports["grpc"]))
+                for child in self.services:
+                    group.create_task(self._wait_ready(child, child.ready_url, child.ready_port))
         except* StartError as failures:
             raise failures.exceptions[0] from None
         self.status = "ready"
@@ -595,6 +620,45 @@ class Supervisor:
             for task in waits:
                 task.cancel()
         return waits[next(iter(done))]
+
+    # -- one child at a time (tests that stop, kill and restart a part of the stack) ----
+
+    def child(self, name: str) -> Child:
+        """The child called ``name`` (``nats`` or a service); KeyError if none."""
+        for child in self.children:
+            if child.name == name:
+                return child
+        raise KeyError(f"no child named {name!r}: {[c.name for c in self.children]}")
+
+    async def stop_child(self, name: str) -> None:
+        """Stop one child as :meth:`stop` does (SIGTERM, SIGKILL after the stop timeout)."""
+        await self.child(name).stop(self.stop_timeout)
+        self.child(name).ready = False
+        self.write_state()
+
+    async def kill_child(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send ``sig`` to one child and wait until it exits (no grace, no drain)."""
+        await self.child(name).kill(sig)
+        self.write_state()
+
+    async def start_child(self, name: str) -> None:
+        """Start a stopped child again with the same command, ports, environment and data
+        dir as before (a service keeps its database and durable consumers, NATS its
+        JetStream store); return once it is ready."""
+        child = self.child(name)
+        if not child.exited:
+            raise RuntimeError(f"{name} still runs (pid {child.pid}): stop it first")
+        if child.cwd is None:
+            raise RuntimeError(f"{name} was never started")
+        await child.start(child.env, child.cwd)
+        self.write_state()
+        await self._wait_ready(child, child.ready_url, child.ready_port)
+        self.write_state()
+
+    async def restart_child(self, name: str) -> None:
+        """:meth:`stop_child`, then :meth:`start_child`."""
+        await self.stop_child(name)
+        await self.start_child(name)
 
     async def stop(self) -> None:
         """Services first (in reverse start order, concurrently), NATS last."""
@@ -749,6 +813,8 @@ async def _supervise(supervisor: Supervisor) -> int:
             f"data in {supervisor.data_dir}, logs in {supervisor.data_dir / 'logs'}; "
             "Ctrl-C or `make down` stops the dev stack"
         )
+        if any(entry.name == "identity" for entry in supervisor.entries):
+            console.print(first_key_help(supervisor.data_dir), highlight=False, soft_wrap=True)
         died = await supervisor.watch()
         code = died.process.returncode if died.process else None
         _report_failure(died, f"{died.name} exited with code {code}")
@@ -771,6 +837,38 @@ async def _supervise(supervisor: Supervisor) -> int:
         await supervisor.stop()
     console.print("dev stack stopped")
     return code
+
+
+#: the scopes of the first key ``make up`` suggests: everything a person does.
+FIRST_KEY_SCOPES = (
+    "admin",
+    "keys:admin",
+    "ingest:write",
+    "ingest:read",
+    "search:read",
+    "inference:invoke",
+    "usage:read",
+    "ledger:read",
+)
+
+
+def first_key_help(data_dir: Path) -> str:
+    """How to create the first API key and log in with it, on this stack's database."""
+    python = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        python = python.relative_to(Path.cwd())
+    cli = python.parent / "ledgerlens"
+    env = ""
+    if data_dir.resolve() != (Path.cwd() / ".data").resolve():
+        # identity's defaults point at ./.data; another data dir needs its database named
+        env = f"LEDGERLENS_IDENTITY_DATABASE_URL=sqlite+aiosqlite:///{data_dir / 'identity'}.db "
+    scopes = " ".join(f"--scope {scope}" for scope in FIRST_KEY_SCOPES)
+    return (
+        "\nFirst API key (the secret is printed once), then log in with it:\n"
+        f"  {env}{python} -m ledgerlens.services.identity create-key --tenant acme {scopes}\n"
+        f"  {cli} login --client-id <client_id> --client-secret <client_secret>\n"
+        f"  {cli} status"
+    )
 
 
 def _report_failure(child: Child, message: str) -> None:
