@@ -53,8 +53,8 @@ from ledgerlens.runtime.devstack import (
     ServiceEntry,
     StartError,
     Supervisor,
-    _parse_create_key,
     load_registry,
+    parse_create_key,
 )
 from ledgerlens.runtime.net import free_port
 
@@ -223,7 +223,7 @@ class Platform:
             check=False,
         )
         assert done.returncode == 0, f"create-key failed:\n{done.stdout}\n{done.stderr}"
-        client_id, secret = _parse_create_key(done.stdout)
+        client_id, secret = parse_create_key(done.stdout)
         return ApiKey(client_id, secret, tenant, tuple(scopes))
 
     @property

@@ -47,6 +47,7 @@ __all__ = [
     "first_key_help",
     "load_registry",
     "main",
+    "parse_create_key",
     "provision_service_credentials",
     "service_env",
 ]
@@ -315,7 +316,7 @@ def service_env(
     return env
 
 
-def _parse_create_key(output: str) -> tuple[str, str]:
+def parse_create_key(output: str) -> tuple[str, str]:
     """client_id and client_secret from identity's ``create-key`` output."""
     found: dict[str, str] = {}
     for line in output.splitlines():
@@ -387,7 +388,7 @@ async def provision_service_credentials(
     if process.returncode != 0:
         tail = "\n".join(text.splitlines()[-10:])
         raise RuntimeError(f"identity create-key for {service} failed:\n{tail}")
-    client_id, secret = _parse_create_key(text)
+    client_id, secret = parse_create_key(text)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
