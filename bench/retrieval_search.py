@@ -89,6 +89,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 from _common import quantile, rpc_summary
+from _cpu import closed_loop_floor, own_cpu_seconds, process_cpu_seconds
 
 from ledgerlens.common.v1 import common_pb2
 from ledgerlens.retrieval.v1 import retrieval_pb2
@@ -524,17 +525,6 @@ async def _start_service(workdir: Path, index_dir: Path, nats_url: str) -> tuple
     return proc, address, http
 
 
-def _process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux ``/proc/<pid>/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
 async def _measured(
     stub: Any, requests: list[retrieval_pb2.SearchRequest], concurrency: int, server_pid: int
 ) -> dict[str, Any]:
@@ -542,18 +532,15 @@ async def _measured(
     this load generator. On a machine of ``cpus`` cores shared by both, a closed loop of
     ``concurrency`` calls cannot average less than ``concurrency x (server + client CPU
     per call) / cpus``: the floor the latency target is up against here."""
-    server_before, client_before = _process_cpu_seconds(server_pid), _own_cpu_seconds()
+    server_before, client_before = process_cpu_seconds(server_pid), own_cpu_seconds()
     latencies, seconds = await _drive(stub, requests, concurrency)
-    server_cpu = _process_cpu_seconds(server_pid) - server_before
-    client_cpu = _own_cpu_seconds() - client_before
+    server_cpu = process_cpu_seconds(server_pid) - server_before
+    client_cpu = own_cpu_seconds() - client_before
     summary: dict[str, Any] = rpc_summary(latencies, seconds)
     calls = len(latencies)
-    per_call = (server_cpu + client_cpu) / calls
-    cpus = os.cpu_count() or 1
     summary["server_cpu_ms_per_call"] = round(server_cpu / calls * 1000, 3)
     summary["client_cpu_ms_per_call"] = round(client_cpu / calls * 1000, 3)
-    summary["cpu_bound_mean_ms"] = round(concurrency * per_call / cpus * 1000, 3)
-    summary["cpu_bound_max_rps"] = round(cpus / per_call, 1)
+    summary.update(closed_loop_floor(concurrency, (server_cpu + client_cpu) / calls))
     return summary
 
 

@@ -14,8 +14,11 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledgerlens.embedding import Embedder
 from ledgerlens.events.v1 import events_pb2
@@ -76,6 +79,29 @@ def prices_of(providers: list[ProviderConfig]) -> dict[tuple[str, str], ModelPri
     return {(p.name, model): price for p in providers for model, price in p.prices.items()}
 
 
+def _relay_engine(engine: AsyncEngine, url: str) -> AsyncEngine:
+    """The relay's engine. On SQLite its own, whose commits skip the fsync
+    (``synchronous=NORMAL``): a relay commit only marks rows published, and losing that
+    mark to a power cut republishes them under the same ``Nats-Msg-Id`` (dropped by
+    JetStream as duplicates). Each fsync held the database's one write lock, and the
+    accounting writer, whose commits a reply waits for, slept in SQLite's busy handler
+    behind it. The next accounting commit (``synchronous=FULL``) syncs the shared WAL,
+    the relay's pages included."""
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return engine
+    relay_engine = create_engine(url)
+    event.listen(relay_engine.sync_engine, "connect", _no_fsync_on_commit)
+    return relay_engine
+
+
+def _no_fsync_on_commit(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -103,6 +129,7 @@ async def run_inference(
         engine = create_engine(settings.database_url)
         stack.push_async_callback(engine.dispose)
         store = UsageStore(engine)
+        stack.push_async_callback(store.aclose)
 
         bus = await EventBus.connect(
             settings.nats_url,
@@ -112,7 +139,12 @@ async def run_inference(
         stack.push_async_callback(bus.close)
         await bus.ensure_stream(streams["INFERENCE"])
         await bus.ensure_stream(streams["DEADLETTER"])  # what the consumer gives up on
-        relay = OutboxRelay(bus, engine, table=OUTBOX, poll_interval=settings.outbox_poll_seconds)
+        relay_engine = _relay_engine(engine, settings.database_url)
+        if relay_engine is not engine:
+            stack.push_async_callback(relay_engine.dispose)
+        relay = OutboxRelay(
+            bus, relay_engine, table=OUTBOX, poll_interval=settings.outbox_poll_seconds
+        )
         relay.start()
         stack.push_async_callback(relay.stop)
         accountant = Accountant(store, relay=relay, subject=subject)
