@@ -9,7 +9,7 @@ PYPROJECTS := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 RUNTIME_SRC := libs/runtime/src/ledgerlens/runtime
 SERVICE_SRC := $(wildcard services/*/src/ledgerlens/services/*) libs/cli/src/ledgerlens/cli libs/embedding/src/ledgerlens/embedding libs/fabric/src/ledgerlens/fabric
 
-.PHONY: setup protos fmt lint typecheck test up down bench eval
+.PHONY: setup protos fmt lint typecheck test up down bench load eval
 
 setup: $(STAMP)
 
@@ -48,6 +48,9 @@ down: $(STAMP)
 
 bench: $(STAMP)
 	@$(BIN)/python bench/run.py
+
+load: $(STAMP)
+	@$(BIN)/python bench/load.py $(LOAD_ARGS)
 
 eval: $(STAMP)
 	@$(BIN)/python services/retrieval/eval/run.py

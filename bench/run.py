@@ -13,7 +13,8 @@ HERE = Path(__file__).resolve().parent
 def main() -> int:
     results: dict[str, object] = {}
     for path in sorted(HERE.glob("*.py")):
-        if path.name == "run.py" or path.name.startswith("_"):
+        # load.py is `make load` (drives a whole stack for minutes), not part of `make bench`
+        if path.name in ("run.py", "load.py") or path.name.startswith("_"):
             continue
         spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
         assert spec is not None
