@@ -56,18 +56,16 @@ import asyncio
 import gc
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _common import quantile, rpc_summary
+from _common import machine, quantile, rpc_summary
 from _cpu import CpuMeter
 
 from ledgerlens.services.inference.model import ProviderError
@@ -167,16 +165,6 @@ def _rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 async def _start_standin(latency_ms: float) -> tuple[asyncio.subprocess.Process, str]:
@@ -543,13 +531,7 @@ def main(
     _sample_load("start")
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu": _cpu_model(),
-            "date": datetime.now(UTC).date().isoformat(),
-        },
+        "machine": machine(),
         "rpc": "ledgerlens.inference.v1.InferenceService/Chat (unary), auth off",
         "direct": (
             "POST /v1/chat/completions to the same stand-in through the gateway's own "

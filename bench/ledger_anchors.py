@@ -42,7 +42,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import sqlite3
 import sys
 import tempfile
@@ -53,7 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _common import rpc_summary
+from _common import machine, rpc_summary
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "ledger_anchors.json"
@@ -357,16 +356,6 @@ def _grpc_run(docs: int, concurrency: int) -> dict[str, Any]:
 # -- main ---------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
 def _ingestion_docs_per_second() -> float | None:
     try:
         data = json.loads(INGESTION_RESULTS.read_text())
@@ -393,14 +382,7 @@ def main(scale: float = 1.0, grpc: bool = True, write: bool = True) -> dict[str,
     load_start = round(os.getloadavg()[0], 2)
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu": _cpu_model(),
-            "sqlite": sqlite3.sqlite_version,
-            "date": datetime.now(UTC).date().isoformat(),
-        },
+        "machine": machine(sqlite=sqlite3.sqlite_version),
         "block_cutter": {
             "max_block_transactions": defaults.max_block_transactions,
             "block_linger_seconds": defaults.block_linger_seconds,

@@ -30,19 +30,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import resource
 import subprocess
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import grpc
 import typer
+from _common import machine
 from _load_mix import (
     FILTERS,
     Calls,
@@ -115,40 +114,8 @@ class Settings:
 # -- machine and code --------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-def _memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
 def _load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "memory_gib": _memory_gib(),
-        "cpu": _cpu_model(),
-        "kernel": platform.release(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
 
 
 def git_commit() -> dict[str, Any]:
