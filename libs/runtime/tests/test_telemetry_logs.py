@@ -30,7 +30,9 @@ def log_stream(span_exporter: InMemorySpanExporter) -> Iterator[io.StringIO]:
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stream.getvalue().splitlines()]
+    """This test's records (services another test left running in the process log too)."""
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    return [record for record in records if record["logger"] == "ledgerlens.test"]
 
 
 def test_one_json_object_per_line_with_trace_and_span_ids(log_stream: io.StringIO) -> None:

@@ -15,15 +15,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, ClassVar, cast
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]  # has .pyi, no py.typed
 from grpc_status import rpc_status
 
 __all__ = [
     "ERROR_DOMAIN",
+    "TIMESTAMP_RANGE",
     "AlreadyExists",
     "DeadlineExceeded",
     "DomainError",
@@ -37,6 +40,8 @@ __all__ = [
     "Violations",
     "from_rpc_error",
     "internal_status",
+    "timestamp_field",
+    "timestamp_value",
     "to_grpc_status",
 ]
 
@@ -140,6 +145,38 @@ class Violations:
         rest = len(self.items) - len(shown)
         more = f" (and {rest} more)" if rest else ""
         raise InvalidArgument(f"invalid {what}: {summary}{more}", self.items)
+
+    def timestamp(self, holder: Message, name: str, path: str | None = None) -> datetime | None:
+        """``holder.<name>`` (a ``Timestamp``) as an aware UTC datetime; None when unset,
+        or, with a violation named ``path``, when out of range (see :func:`timestamp_value`)."""
+        if not holder.HasField(name):
+            return None
+        try:
+            return timestamp_value(getattr(holder, name), path or name)
+        except InvalidArgument as exc:
+            self.items.extend(exc.violations)
+            return None
+
+
+#: what a Timestamp outside the range of a datetime is told
+TIMESTAMP_RANGE = "must be a valid timestamp (years 1-9999, nanos 0-999999999)"
+
+
+def timestamp_value(stamp: timestamp_pb2.Timestamp, path: str) -> datetime:
+    """``stamp`` as an aware UTC datetime; ``INVALID_ARGUMENT`` naming ``path`` when it is
+    outside what a datetime holds (``ToDatetime`` raises there: a client's bad value, not
+    the server's fault, so never INTERNAL)."""
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument(
+            f"invalid timestamp: {path}: {TIMESTAMP_RANGE}", [(path, TIMESTAMP_RANGE)]
+        ) from exc
+
+
+def timestamp_field(holder: Message, name: str, path: str | None = None) -> datetime | None:
+    """``holder.<name>`` through :func:`timestamp_value`; None when unset."""
+    return timestamp_value(getattr(holder, name), path or name) if holder.HasField(name) else None
 
 
 class NotFound(DomainError):

@@ -7,7 +7,7 @@ caller's own needs the ``admin`` scope as well.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import grpc.aio
@@ -15,7 +15,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
 from ledgerlens.runtime.auth import Principal, current_principal
-from ledgerlens.runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from ledgerlens.runtime.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    timestamp_field,
+)
 from ledgerlens.services.identity.ca import Attribute, CertificateAuthority, Role
 from ledgerlens.services.identity.keys import ApiKeyRecord, ApiKeyState
 from ledgerlens.services.identity.service import IdentityCore
@@ -102,9 +107,7 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
         self, request: identity_pb2.CreateApiKeyRequest, context: Context
     ) -> identity_pb2.CreateApiKeyResponse:
         tenant = _tenant(request.tenant_id)
-        expires_at = (
-            request.expires_at.ToDatetime(tzinfo=UTC) if request.HasField("expires_at") else None
-        )
+        expires_at = timestamp_field(request, "expires_at")
         record, secret = await self.core.create_key(
             tenant, request.name, list(request.scopes), expires_at
         )

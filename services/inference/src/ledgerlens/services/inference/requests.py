@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from ledgerlens.inference.v1 import inference_pb2
 from ledgerlens.retrieval.v1 import retrieval_pb2
@@ -225,13 +225,15 @@ def parse_answer(request: inference_pb2.AnswerRequest, path: str = "") -> Answer
 
 def parse_usage(request: inference_pb2.GetUsageRequest, now: datetime) -> UsageQuery:
     v = Violations()
-    end = request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else now
-    start = (
-        request.start_time.ToDatetime(tzinfo=UTC)
-        if request.HasField("start_time")
-        else end - timedelta(days=DEFAULT_USAGE_DAYS)
-    )
-    if end <= start:
+    end = v.timestamp(request, "end_time") or now
+    start = v.timestamp(request, "start_time")
+    if start is None:
+        try:
+            start = end - timedelta(days=DEFAULT_USAGE_DAYS)
+        except OverflowError:  # an end_time in the first days of year 1
+            v.add("end_time", f"must leave {DEFAULT_USAGE_DAYS} days before it, or set start_time")
+            start = end
+    if end <= start and not v:
         v.add("end_time", "must be after start_time")
     granularity = _GRANULARITIES.get(request.granularity)
     if granularity is None:

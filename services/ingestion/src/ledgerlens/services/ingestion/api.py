@@ -18,7 +18,7 @@ import grpc.aio
 from ledgerlens.common.v1 import common_pb2
 from ledgerlens.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 from ledgerlens.runtime.auth import current_principal
-from ledgerlens.runtime.errors import DomainError, InvalidArgument
+from ledgerlens.runtime.errors import DomainError, InvalidArgument, timestamp_field
 from ledgerlens.services.ingestion.convert import (
     DOC_TYPE_FROM_PROTO,
     metadata_from_proto,
@@ -51,7 +51,13 @@ MAX_PAGE_SIZE = 500
 MAX_CORRELATION_ID_CHARS = 128
 
 
+def _check_timestamps(message: ingestion_pb2.IngestDocumentRequest) -> None:
+    timestamp_field(message, "fetched_at")
+    timestamp_field(message.metadata, "published_at", "metadata.published_at")
+
+
 def _request(message: ingestion_pb2.IngestDocumentRequest) -> IngestRequest:
+    _check_timestamps(message)
     principal = current_principal()
     return IngestRequest(
         source_url=message.source_url,
@@ -267,12 +273,8 @@ def _filter(message: ingestion_pb2.DocumentFilter) -> DocumentFilter:
         authors=tuple(message.authors),
         tags=tuple(t.strip().lower() for t in message.tags),
         source_url_prefix=message.source_url_prefix,
-        published_after=(
-            to_datetime(message.published_after) if message.HasField("published_after") else None
-        ),
-        published_before=(
-            to_datetime(message.published_before) if message.HasField("published_before") else None
-        ),
+        published_after=timestamp_field(message, "published_after", "filter.published_after"),
+        published_before=timestamp_field(message, "published_before", "filter.published_before"),
     )
 
 

@@ -78,8 +78,9 @@ class Violations(errors.Violations):
         return value
 
 
-def rfc3339(stamp: timestamp_pb2.Timestamp) -> str:
-    return stamp.ToDatetime(tzinfo=UTC).isoformat()
+def rfc3339(stamp: timestamp_pb2.Timestamp, field: str = "timestamp") -> str:
+    """``stamp`` in RFC 3339; INVALID_ARGUMENT naming ``field`` when out of range."""
+    return errors.timestamp_value(stamp, field).isoformat()
 
 
 def _now() -> str:
@@ -130,7 +131,9 @@ def _document(
 def anchor_request(request: ledger_pb2.AnchorDocumentRequest) -> DocumentAnchor:
     """An unset ``ingested_at`` is now: the contract compares versions by checksum only,
     so the time never makes a retry conflict."""
-    ingested = rfc3339(request.ingested_at) if request.HasField("ingested_at") else _now()
+    ingested = (
+        rfc3339(request.ingested_at, "ingested_at") if request.HasField("ingested_at") else _now()
+    )
     return _document(
         request.document_id,
         request.version,
@@ -143,7 +146,11 @@ def anchor_request(request: ledger_pb2.AnchorDocumentRequest) -> DocumentAnchor:
 
 
 def anchor_from_provenance(provenance: common_pb2.Provenance) -> DocumentAnchor:
-    ingested = rfc3339(provenance.ingested_at) if provenance.HasField("ingested_at") else _now()
+    ingested = (
+        rfc3339(provenance.ingested_at, "provenance.ingested_at")
+        if provenance.HasField("ingested_at")
+        else _now()
+    )
     return _document(
         provenance.document_id,
         provenance.version,
@@ -184,7 +191,14 @@ def _audit(
     v.raise_if_any(what)
     assert completed_at is not None
     return NewAudit(
-        request_id, prompt, answer, model, tenant_id, api_key_id, chunk_ids, rfc3339(completed_at)
+        request_id,
+        prompt,
+        answer,
+        model,
+        tenant_id,
+        api_key_id,
+        chunk_ids,
+        rfc3339(completed_at, f"{prefix}completed_at"),
     )
 
 
