@@ -112,9 +112,9 @@ class ApiKey:
     scopes: tuple[str, ...]
 
 
-def bearer(token: str) -> list[tuple[str, str]]:
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
     """gRPC metadata carrying ``token``."""
-    return [("authorization", f"Bearer {token}")]
+    return (("authorization", f"Bearer {token}"),)
 
 
 async def wait_until(
