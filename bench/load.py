@@ -114,6 +114,21 @@ class Settings:
 # -- machine and code --------------------------------------------------------------------
 
 
+#: above this many cores taken by other processes during the window, a run is not quiet
+QUIET_OTHER_CORES = 0.2
+
+
+def _system_busy_seconds() -> float | None:
+    """CPU time every process on the machine spent so far (``/proc/stat``: all but idle
+    and iowait), to tell how much of a window went to work other than this run's."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(value) for value in fields]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def _load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
@@ -294,6 +309,7 @@ async def _against(stack: Stack, settings: Settings, weights: dict[str, float]) 
         sampler = MemorySampler(stack.pids)
         cpu_before = {name: cpu_seconds(pid) for name, pid in stack.pids.items()}
         own_before = resource.getrusage(resource.RUSAGE_SELF)
+        system_before = _system_busy_seconds()
         sampler.start()
         started = time.perf_counter()
         results, outcome, drained = await _mix(clients, corpus, settings, weights)
@@ -301,6 +317,7 @@ async def _against(stack: Stack, settings: Settings, weights: dict[str, float]) 
         memory = await sampler.stop()
         cpu_after = {name: cpu_seconds(pid) for name, pid in stack.pids.items()}
         own_after = resource.getrusage(resource.RUSAGE_SELF)
+        system_after = _system_busy_seconds()
     finally:
         await clients.close()
     # the CPU a process spent from the window's start until every call had finished
@@ -356,6 +373,12 @@ async def _against(stack: Stack, settings: Settings, weights: dict[str, float]) 
             "interval_seconds": round(spent, 2),
             "by_process": cpu,
             "cores_busy": round(sum(cpu.values()) / spent, 2),
+            # what the rest of the machine took meanwhile (0 on a quiet machine)
+            "other_processes_cores": (
+                round(max(0.0, system_after - system_before - sum(cpu.values())) / spent, 2)
+                if system_before is not None and system_after is not None
+                else None
+            ),
         },
     }
 
@@ -387,10 +410,13 @@ async def run_load(settings: Settings) -> dict[str, Any]:
             result |= await _against(private, settings, weights)
     result["load_average_after"] = _load_average()
     result["seconds"] = round(time.perf_counter() - started, 1)
-    if max(result["load_average_before"][0], result["load_average_mix_start"][0]) > 1.0:
+    # The load average counts this run's own stack and warm-up, so it cannot tell a quiet
+    # machine; the CPU other processes took during the window can.
+    other = result["cpu_seconds"]["other_processes_cores"]
+    if other is not None and other > QUIET_OTHER_CORES:
         result["machine_busy_note"] = (
-            "the 1-minute load average was above 1.0 before the run or the mix: other work "
-            "shared the machine, so these figures are on the low side; re-run on a quiet "
+            f"other processes took {other} cores during the window (more than "
+            f"{QUIET_OTHER_CORES}): these figures are on the low side; re-run on a quiet "
             "machine"
         )
     return result
