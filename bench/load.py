@@ -71,7 +71,10 @@ from ledgerlens.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 from ledgerlens.runtime.devstack import TOKEN_PATH
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CORPUS = REPO.parent / "shared" / "corpus" / "eips"
+#: ``$LEDGERLENS_CORPUS_DIR`` (as the tests and the retrieval eval name it), else beside the repo
+DEFAULT_CORPUS = Path(
+    os.environ.get("LEDGERLENS_CORPUS_DIR") or REPO.parent / "shared" / "corpus" / "eips"
+)
 RPCS = {
     "search": "ledgerlens.retrieval.v1.RetrievalService/Search",
     "answer": "ledgerlens.inference.v1.InferenceService/Answer",

@@ -46,7 +46,7 @@ from _faults_support import (
     open_clients,
     poll,
 )
-from _platform import Platform, ingest_files, start_platform
+from _platform import Platform, ingest_files, require_corpus, start_platform
 
 from ledgerlens.ingestion.v1 import ingestion_pb2
 
@@ -57,6 +57,12 @@ pytestmark = [
     # the first test also waits for the platform to start
     pytest.mark.timeout(600),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _corpus() -> None:
+    require_corpus()
+
 
 KILL_DOCS, NATS_DOCS, AFTER_NATS_DOCS, RETRIEVAL_DOCS, LEDGER_DOCS = eip_subsets(16, 12, 3, 10, 10)
 SCOPES = ["ingest:write", "ingest:read", "search:read", "ledger:read"]

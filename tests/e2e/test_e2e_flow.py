@@ -38,6 +38,7 @@ from _platform import (
     ApiKey,
     Platform,
     ingest_files,
+    require_corpus,
     searchable_chunk_ids,
     wait_anchored,
     wait_until,
@@ -57,6 +58,12 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(900),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _corpus() -> None:
+    require_corpus()
+
 
 SUBSET = [
     # by Vitalik Buterin (alone or with others)
