@@ -11,7 +11,13 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
-from _platform import Platform, start_platform
+from _platform import Platform, require_corpus, start_platform
+
+
+@pytest.fixture(scope="session")
+def corpus() -> None:
+    """The EIP corpus is there (skip without it; under CI, fail)."""
+    require_corpus()
 
 
 @pytest.fixture(scope="session")

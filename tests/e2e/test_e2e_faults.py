@@ -46,7 +46,7 @@ from _faults_support import (
     open_clients,
     poll,
 )
-from _platform import Platform, ingest_files, require_corpus, start_platform
+from _platform import Platform, ingest_files, start_platform
 
 from ledgerlens.ingestion.v1 import ingestion_pb2
 
@@ -56,12 +56,8 @@ pytestmark = [
     pytest.mark.slow,
     # the first test also waits for the platform to start
     pytest.mark.timeout(600),
+    pytest.mark.usefixtures("corpus"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _corpus() -> None:
-    require_corpus()
 
 
 KILL_DOCS, NATS_DOCS, AFTER_NATS_DOCS, RETRIEVAL_DOCS, LEDGER_DOCS = eip_subsets(16, 12, 3, 10, 10)
@@ -252,6 +248,31 @@ async def _ingest_settled(
     return settled
 
 
+async def _stop_and_ingest(
+    platform: Platform, token: str, service: str, consumer: tuple[str, str], paths: list[Path]
+) -> dict[str, Expected]:
+    """Stop ``service``, ingest ``paths`` (every one acknowledged), and wait until its
+    durable ``consumer`` holds an event of each: they wait for it there."""
+    await platform.arun(platform.supervisor.stop_child(service))
+    source = prefix(service)
+    async with platform.client("ingestion", token) as ingestion:
+        expected = expected_from(await ingest_files(ingestion.stub, paths, source_prefix=source))
+    assert set(expected) == {path.name for path in paths}
+
+    async def held() -> str | None:
+        pending = (await consumer_info(platform.nats_url, consumer)).num_pending or 0
+        return None if pending >= len(expected) else f"{pending} events pending"
+
+    await poll(
+        held,
+        within=SETTLE_SECONDS,
+        what=f"{consumer[1]} holding the events of {len(expected)} documents",
+        platform=platform,
+        logs=["ingestion"],
+    )
+    return expected
+
+
 async def test_retrieval_catches_up_from_its_durable_consumer(
     platform: Platform, token: str
 ) -> None:
@@ -260,24 +281,7 @@ async def test_retrieval_catches_up_from_its_durable_consumer(
     during = RETRIEVAL_DOCS[SETTLED_BEFORE_STOP:]
     settled = await _ingest_settled(platform, token, before, source)
 
-    await platform.arun(platform.supervisor.stop_child("retrieval"))
-    async with platform.client("ingestion", token) as ingestion:
-        expected = expected_from(await ingest_files(ingestion.stub, during, source_prefix=source))
-    assert set(expected) == {path.name for path in during}
-
-    # the chunk events wait in retrieval's durable consumer while it is down
-    async def held_for_retrieval() -> str | None:
-        info = await consumer_info(platform.nats_url, RETRIEVAL_CHUNKS)
-        pending = info.num_pending or 0
-        return None if pending >= len(expected) else f"{pending} chunk events pending"
-
-    await poll(
-        held_for_retrieval,
-        within=SETTLE_SECONDS,
-        what=f"{RETRIEVAL_CHUNKS[1]} holding the chunks of {len(expected)} documents",
-        platform=platform,
-        logs=["ingestion"],
-    )
+    expected = await _stop_and_ingest(platform, token, "retrieval", RETRIEVAL_CHUNKS, during)
 
     await platform.arun(platform.supervisor.start_child("retrieval"))
     async with open_clients(platform, token) as clients:
@@ -312,23 +316,7 @@ async def test_anchors_catch_up_after_the_ledger_restarts(platform: Platform, to
     during = LEDGER_DOCS[SETTLED_BEFORE_STOP:]
     settled = await _ingest_settled(platform, token, before, source)
 
-    await platform.arun(platform.supervisor.stop_child("ledger"))
-    async with platform.client("ingestion", token) as ingestion:
-        expected = expected_from(await ingest_files(ingestion.stub, during, source_prefix=source))
-    assert set(expected) == {path.name for path in during}
-
-    async def held_for_ledger() -> str | None:
-        info = await consumer_info(platform.nats_url, LEDGER_DOCUMENTS)
-        pending = info.num_pending or 0
-        return None if pending >= len(expected) else f"{pending} document events pending"
-
-    await poll(
-        held_for_ledger,
-        within=SETTLE_SECONDS,
-        what=f"{LEDGER_DOCUMENTS[1]} holding {len(expected)} documents",
-        platform=platform,
-        logs=["ingestion"],
-    )
+    expected = await _stop_and_ingest(platform, token, "ledger", LEDGER_DOCUMENTS, during)
     async with platform.client("ingestion", token) as ingestion:
         for name, one in expected.items():
             got = await ingestion.stub.GetDocument(

@@ -38,7 +38,6 @@ from _platform import (
     ApiKey,
     Platform,
     ingest_files,
-    require_corpus,
     searchable_chunk_ids,
     wait_anchored,
     wait_until,
@@ -57,12 +56,8 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.timeout(900),
+    pytest.mark.usefixtures("corpus"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _corpus() -> None:
-    require_corpus()
 
 
 SUBSET = [
