@@ -774,12 +774,179 @@ def ledger() -> dict[str, Any]:
     )
 
 
+def inference() -> dict[str, Any]:
+    layout = Layout()
+    requests = "ledgerlens_inference_requests_total"
+    provider_calls = "ledgerlens_inference_provider_requests_total"
+    cache = "ledgerlens_inference_cache_total"
+    panels = [layout.row("Gateway requests")]
+    panels += [
+        layout.panel(
+            "Completion requests / s by outcome",
+            [
+                (
+                    f"sum by (rpc, outcome) (rate({requests}[{RATE}]))",
+                    "{{rpc}} {{outcome}}",
+                )
+            ],
+            unit="reqps",
+            stack=True,
+            description="Chat, ChatStream, Embed, Answer and AnswerStream by outcome: ok, "
+            "cache_hit, idempotent_replay, refused_moderation, limited, cancelled (the "
+            "caller went away) or error (the RPC panels below show its code).",
+        ),
+        layout.panel(
+            "Refused or failed share",
+            [
+                (
+                    f"sum by (outcome) (rate({requests}"
+                    f'{{outcome=~"refused_moderation|limited|error"}}[{RATE}]))\n/ ignoring '
+                    f"(outcome) group_left\nsum(rate({requests}[{RATE}]))",
+                    "{{outcome}}",
+                )
+            ],
+            unit="percentunit",
+            stack=True,
+            description="Share of completion requests refused by moderation or a limit, or failed.",
+        ),
+    ]
+    panels.append(layout.row("Providers"))
+    panels += [
+        layout.panel(
+            "Provider calls / s by outcome",
+            [
+                (
+                    f"sum by (provider, outcome) (rate({provider_calls}[{RATE}]))",
+                    "{{provider}} {{outcome}}",
+                )
+            ],
+            unit="ops",
+            stack=True,
+            description="Every attempt counts (retries included): ok, retryable_error "
+            "(retried or fallen back) or error (not retryable).",
+        ),
+        layout.panel(
+            "Provider call p95 by provider",
+            [
+                (
+                    "histogram_quantile(0.95, sum by (provider, le) (rate("
+                    f"ledgerlens_inference_provider_duration_seconds_bucket[{RATE}])))",
+                    "{{provider}}",
+                )
+            ],
+            unit="s",
+            description="One provider call; a stream until its last delta.",
+        ),
+        layout.panel(
+            "Fallbacks / s",
+            [
+                (
+                    "sum by (from_provider, to_provider) "
+                    f"(rate(ledgerlens_inference_fallbacks_total[{RATE}]))",
+                    "{{from_provider}} -> {{to_provider}}",
+                )
+            ],
+            unit="ops",
+            width=24,
+            description="Moves from a provider that failed retryably to the next target "
+            "of the model's fallback chain.",
+        ),
+    ]
+    panels.append(layout.row("Tokens and cost"))
+    panels += [
+        layout.panel(
+            "Tokens / s by model and kind",
+            [
+                (
+                    f"sum by (model, kind) (rate(ledgerlens_inference_tokens_total[{RATE}]))",
+                    "{{model}} {{kind}}",
+                )
+            ],
+            stack=True,
+            description="Prompt and completion tokens providers processed, as accounted "
+            "(the provider's usage, else a local count). Replays and cache hits spend none.",
+        ),
+        layout.panel(
+            "Cost / hour by model (USD)",
+            [
+                (
+                    f"sum by (model) (rate(ledgerlens_inference_cost_usd_total[{RATE}])) * 3600",
+                    "{{model}}",
+                )
+            ],
+            unit="currencyUSD",
+            stack=True,
+            description="From the configured prices (integer micro-USD per 1,000 tokens); "
+            "models without a price (the local providers) cost 0.",
+        ),
+    ]
+    panels.append(layout.row("Cache, limits and moderation"))
+    panels += [
+        layout.panel(
+            "Cache hit ratio",
+            [
+                (
+                    f'sum by (cache) (rate({cache}{{result="hit"}}[{RATE}]))\n/\n'
+                    f"sum by (cache) (rate({cache}[{RATE}]))",
+                    "{{cache}}",
+                )
+            ],
+            unit="percentunit",
+            width=8,
+            description="response: deterministic (temperature 0) chat and answer "
+            "requests; embeddings: per input text.",
+        ),
+        layout.panel(
+            "Limiter refusals / s",
+            [
+                (
+                    "sum by (scope, limit) "
+                    f"(rate(ledgerlens_inference_rate_limited_total[{RATE}]))",
+                    "{{scope}} {{limit}}",
+                )
+            ],
+            unit="reqps",
+            width=8,
+            stack=True,
+            description="RESOURCE_EXHAUSTED by the per-key and per-tenant limits.",
+        ),
+        layout.panel(
+            "Moderation refusals / s",
+            [
+                (
+                    "sum by (source) "
+                    f"(rate(ledgerlens_inference_moderation_refusals_total[{RATE}]))",
+                    "{{source}}",
+                )
+            ],
+            unit="reqps",
+            width=8,
+            stack=True,
+            description="Inputs refused by the moderation screen (PERMISSION_DENIED): the "
+            "local rules or the moderation provider.",
+        ),
+    ]
+    panels.append(layout.row("Events"))
+    panels += events_of(layout, "ledgerlens[.]inference[.].+", "ledgerlens[.]identity[.].+")
+    return service_dashboard(
+        "ledgerlens-inference",
+        "ledgerlens / Inference",
+        "ledgerlens.inference.v1.InferenceService",
+        "Gateway outcomes, providers and fallbacks, tokens and cost, cache, limits, "
+        "moderation and the completion events.",
+        panels,
+        layout,
+        ["inference"],
+    )
+
+
 DASHBOARDS = {
     "ledgerlens-overview.json": overview,
     "ledgerlens-events.json": events,
     "ledgerlens-ingestion.json": ingestion,
     "ledgerlens-retrieval.json": retrieval,
     "ledgerlens-ledger.json": ledger,
+    "ledgerlens-inference.json": inference,
 }
 
 

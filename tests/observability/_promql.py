@@ -230,7 +230,7 @@ def histogram_family(name: str) -> str:
 TARGET_LABELS = frozenset({"job", "instance", "namespace", "pod", "container", "endpoint"})
 
 #: Metric prefixes of services that do not run yet, allowed ahead of them (with why).
-#: Empty on purpose: the inference dashboard arrives with the inference service's issue.
+#: Empty: every service runs.
 PENDING_SERVICES: dict[str, str] = {}
 
 

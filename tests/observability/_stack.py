@@ -56,6 +56,30 @@ GRPC_SERVICES = {
     "inference": "ledgerlens.inference.v1.InferenceService",
 }
 
+#: the inference gateway's providers: chat goes to a provider that refuses connections
+#: (port 9, like the inference tests' unreachable retrieval) and falls back to the local
+#: extractive answerer, so the provider, fallback and accounting metrics all count
+INFERENCE_GATEWAY = {
+    "providers": [
+        {
+            "name": "down",
+            "kind": "openai",
+            "base_url": "http://127.0.0.1:9/v1",
+            "models": ["gpt-down"],
+            "prices": {"gpt-down": {"input_per_1k": 150, "output_per_1k": 600}},
+            "timeout_seconds": 2,
+        },
+        {"name": "local", "kind": "extractive", "models": ["extractive", "all-MiniLM-L6-v2"]},
+    ],
+    "router": {
+        "aliases": {
+            "default": ["down/gpt-down", "local/extractive"],
+            "embed": ["local/all-MiniLM-L6-v2"],
+        },
+        "retry_attempts": 1,
+    },
+}
+
 PROBE_DOCUMENT = b"""# Observability probe
 
 A short note about rollups, so that ingestion has something to chunk and embed.
@@ -179,6 +203,7 @@ async def run_stack_and_scrape(
                 InferenceSettings.model_validate(
                     {
                         **_common(nats_url, tmp, "inference"),
+                        **INFERENCE_GATEWAY,
                         "rag": {"retrieval_target": retrieval.grpc_address},
                     }
                 ),
@@ -240,6 +265,18 @@ async def run_stack_and_scrape(
         answer = inference_pb2_grpc.InferenceServiceStub(channels["inference"])
         with contextlib.suppress(grpc.aio.AioRpcError):
             await answer.Answer(inference_pb2.AnswerRequest(query="rollup data availability"))
+        # a chat that falls back (the domain metrics of the inference dashboard); its
+        # errors are not suppressed: the check below needs what it records
+        await answer.Chat(
+            inference_pb2.ChatRequest(
+                messages=[
+                    inference_pb2.ChatMessage(
+                        role=inference_pb2.ROLE_USER,
+                        content="What do rollups post to the base layer?",
+                    )
+                ]
+            )
+        )
 
         async with httpx.AsyncClient(timeout=10) as http:
             texts = {}

@@ -16,7 +16,7 @@ from ledgerlens.runtime.testing import EventNames, delete_streams
 def exposition(
     nats_url: str, cached_embedder: CachingEmbedder, tmp_path_factory: pytest.TempPathFactory
 ) -> Exposition:
-    """The four services' ``/metrics`` after one document went through them."""
+    """The five services' ``/metrics`` after one document went through them."""
     names = EventNames(secrets.token_hex(4))
     tmp = tmp_path_factory.mktemp("observability-stack")
     started = time.monotonic()

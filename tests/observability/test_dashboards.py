@@ -41,6 +41,7 @@ def test_the_expected_dashboards_exist_with_stable_uids() -> None:
         "ledgerlens-ingestion",
         "ledgerlens-retrieval",
         "ledgerlens-ledger",
+        "ledgerlens-inference",
     }
     for name, board in boards.items():
         assert name == f"{board['uid']}.json"

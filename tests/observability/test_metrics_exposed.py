@@ -12,6 +12,7 @@ from _promql import (
     selectors,
 )
 from _stack import GRPC_SERVICES, Exposition
+from prometheus_client.parser import text_string_to_metric_families
 
 from ledgerlens.services.ingestion.app import ANCHOR_CONSUMER
 from ledgerlens.services.ledger.app import LEDGER_CONSUMERS
@@ -94,6 +95,43 @@ def test_the_services_expose_their_consumers_jetstream_state(exposition: Exposit
     assert names.stream_name("DEADLETTER") in dead_letters
 
 
-def test_no_inference_metrics_before_the_inference_service() -> None:
+def test_the_inference_dashboard_reads_what_the_gateway_recorded(
+    exposition: Exposition,
+) -> None:
+    """Every ``ledgerlens_inference_*`` metric the infra files query is on the inference
+    service's /metrics, and the stack's chat really fell back (see _stack.py) and was
+    accounted, so those series hold this run's observations, not only zeros."""
     names = {s.name for q in all_infra_queries() for s in selectors(q.parse())}
-    assert not {n for n in names if n.startswith("ledgerlens_inference_")}
+    inference = {n for n in names if n.startswith("ledgerlens_inference_")}
+    assert {
+        "ledgerlens_inference_requests_total",
+        "ledgerlens_inference_tokens_total",
+        "ledgerlens_inference_cost_usd_total",
+        "ledgerlens_inference_fallbacks_total",
+        "ledgerlens_inference_cache_total",
+        "ledgerlens_inference_rate_limited_total",
+        "ledgerlens_inference_moderation_refusals_total",
+    } <= inference
+    for name in inference:
+        assert "inference" in exposition.exposed_by[name], name
+    fallbacks = parse_samples(exposition.texts["inference"], "ledgerlens_inference_fallbacks_total")
+    assert fallbacks.get((("from_provider", "down"), ("to_provider", "local")), 0) >= 1
+    chats = parse_samples(exposition.texts["inference"], "ledgerlens_inference_requests_total")
+    assert chats[(("outcome", "ok"), ("rpc", "Chat"))] >= 1
+    assert ("provider", "local") in {
+        label
+        for labels in parse_samples(
+            exposition.texts["inference"], "ledgerlens_inference_tokens_total"
+        )
+        for label in labels
+    }
+
+
+def parse_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The values of sample ``name`` in an exposition, by sorted labels."""
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }

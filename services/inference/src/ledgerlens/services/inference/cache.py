@@ -23,6 +23,7 @@ from typing import Protocol
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
+from ledgerlens.services.inference.metrics import CACHE
 from ledgerlens.services.inference.model import ChatParams
 
 __all__ = [
@@ -167,7 +168,9 @@ class ResponseCache:
         key = chat_cache_key(params, namespace)
         if key is None or not self.settings.enabled:
             return None
-        return (await self._backend.get_many([self._prefix + key]))[0]
+        found = (await self._backend.get_many([self._prefix + key]))[0]
+        CACHE.labels("response", "miss" if found is None else "hit").inc()
+        return found
 
     async def put_chat(self, params: ChatParams, namespace: str, value: bytes) -> bool:
         """Store a deterministic response; returns whether it was cacheable."""
@@ -184,7 +187,13 @@ class ResponseCache:
         if not self.settings.enabled:
             return [None] * len(texts)
         keys = [self._prefix + embedding_cache_key(model, t) for t in texts]
-        return [None if v is None else unpack_vector(v) for v in await self._backend.get_many(keys)]
+        found = await self._backend.get_many(keys)
+        hits = sum(v is not None for v in found)
+        if hits:
+            CACHE.labels("embeddings", "hit").inc(hits)
+        if len(found) > hits:
+            CACHE.labels("embeddings", "miss").inc(len(found) - hits)
+        return [None if v is None else unpack_vector(v) for v in found]
 
     async def put_embeddings(
         self, model: str, texts: Sequence[str], vectors: Sequence[Sequence[float]]

@@ -48,6 +48,7 @@ from ledgerlens.services.inference.idempotency import (
     unpack_frames,
 )
 from ledgerlens.services.inference.limits import RateLimiter, Reservation
+from ledgerlens.services.inference.metrics import RequestOutcome, record_completion
 from ledgerlens.services.inference.model import (
     ChatParams,
     Completion,
@@ -224,7 +225,7 @@ class Gateway:
         cached: bool = False,
         cited: Sequence[str] = (),
     ) -> Recorded:
-        return await self.accountant.record(
+        recorded = await self.accountant.record(
             completion_id=_new_id(),
             kind=kind,
             tenant_id=caller.tenant_id,
@@ -239,6 +240,15 @@ class Gateway:
             cached=cached,
             cited_chunk_ids=cited,
         )
+        if not cached:  # a replay or cache hit spent no provider tokens
+            record_completion(
+                provider,
+                model,
+                recorded.usage.prompt_tokens,
+                recorded.usage.completion_tokens,
+                recorded.cost_micro_usd,
+            )
+        return recorded
 
     async def _unary(
         self,
@@ -327,18 +337,25 @@ class Gateway:
     ) -> R:
         """Admit, then :meth:`_unary` over ``once`` (a response and the tokens it
         spent); the reservation is settled with those tokens, or released."""
-        reservation = await admit()
-        spent: int | None = None
-        try:
+        with RequestOutcome(rpc) as outcome:
+            reservation = await admit()
+            spent: int | None = None
+            try:
 
-            async def produce() -> R:
-                nonlocal spent
-                response, spent = await once()
-                return response
+                async def produce() -> R:
+                    nonlocal spent
+                    response, spent = await once()
+                    if getattr(response, "cached", False):  # fresh, yet cached: a cache hit
+                        outcome.mark("cache_hit")
+                    return response
 
-            return await self._unary(caller, rpc, key, request, response_type, produce, on_replay)
-        finally:
-            await self._settle(reservation, spent)
+                async def replay(response: R) -> R:
+                    outcome.mark("idempotent_replay")
+                    return await on_replay(response)
+
+                return await self._unary(caller, rpc, key, request, response_type, produce, replay)
+            finally:
+                await self._settle(reservation, spent)
 
     async def _settled_stream(
         self,
@@ -353,20 +370,27 @@ class Gateway:
     ) -> AsyncIterator[E]:
         """Admit, then :meth:`_streamed` over ``source``, which reports the tokens it
         spent through the callback it is given; settled like :meth:`_settled_unary`."""
-        reservation = await admit()
-        spent: int | None = None
+        with RequestOutcome(rpc) as outcome:
+            reservation = await admit()
+            spent: int | None = None
 
-        def spend(tokens: int) -> None:
-            nonlocal spent
-            spent = tokens
+            def spend(tokens: int) -> None:
+                nonlocal spent
+                spent = tokens
 
-        try:
-            async for event in self._streamed(
-                caller, rpc, key, request, event_type, lambda: source(spend), on_replay
-            ):
-                yield event
-        finally:
-            await self._settle(reservation, spent)
+            async def replay(events: list[E]) -> list[E]:
+                outcome.mark("idempotent_replay")
+                return await on_replay(events)
+
+            try:
+                async for event in self._streamed(
+                    caller, rpc, key, request, event_type, lambda: source(spend), replay
+                ):
+                    if event.HasField("final") and event.final.cached:
+                        outcome.mark("cache_hit")  # a replay was marked before its events
+                    yield event
+            finally:
+                await self._settle(reservation, spent)
 
     def _estimate(self, messages: Sequence[Message], max_tokens: int | None) -> int:
         # counting tokens locally costs CPU on every call: only when a limit reads it
@@ -570,42 +594,46 @@ class Gateway:
     async def embed(
         self, caller: Caller, call: EmbedCall, deadline: Deadline
     ) -> inference_pb2.EmbedResponse:
-        provider, model = self._target(call.model, "embed", "model")
-        reservation = await self._admit(caller, call.inputs, count_texts(call.inputs))
-        spent: int | None = None
-        try:
-            found = await self.cache.get_embeddings(f"{provider}/{model}", call.inputs)
-            missing = [i for i, v in enumerate(found) if v is None]
-            usage: TokenUsage | None = TokenUsage(0, 0)
-            vectors: list[list[float] | None] = list(found)
-            if missing:
-                texts = [call.inputs[i] for i in missing]
-                result = await self.router.embed(call.model, texts, deadline=deadline)
-                provider, model, usage = result.provider, result.model, result.usage
-                await self.cache.put_embeddings(f"{provider}/{model}", texts, result.vectors)
-                for i, vector in zip(missing, result.vectors, strict=True):
-                    vectors[i] = vector
-            recorded = await self._account(
-                caller,
-                "embed",
-                provider=provider,
-                model=model,
-                usage=usage,
-                inputs=[call.inputs[i] for i in missing] if missing else call.inputs,
-                cached=not missing,
-            )
-            spent = recorded.usage.total_tokens
-            dense = [v or [] for v in vectors]
-            return inference_pb2.EmbedResponse(
-                embeddings=[
-                    inference_pb2.Embedding(index=i, values=v) for i, v in enumerate(dense)
-                ],
-                dimensions=len(dense[0]) if dense else 0,
-                model=model,
-                usage=_usage_proto(recorded.usage, recorded.cost_micro_usd),
-            )
-        finally:
-            await self._settle(reservation, spent)
+        with RequestOutcome("Embed") as outcome:
+            provider, model = self._target(call.model, "embed", "model")
+            reservation = await self._admit(caller, call.inputs, count_texts(call.inputs))
+            spent: int | None = None
+            try:
+                found = await self.cache.get_embeddings(f"{provider}/{model}", call.inputs)
+                missing = [i for i, v in enumerate(found) if v is None]
+                usage: TokenUsage | None = TokenUsage(0, 0)
+                vectors: list[list[float] | None] = list(found)
+                if missing:
+                    texts = [call.inputs[i] for i in missing]
+                    result = await self.router.embed(call.model, texts, deadline=deadline)
+                    provider, model, usage = result.provider, result.model, result.usage
+                    await self.cache.put_embeddings(f"{provider}/{model}", texts, result.vectors)
+                    for i, vector in zip(missing, result.vectors, strict=True):
+                        vectors[i] = vector
+                recorded = await self._account(
+                    caller,
+                    "embed",
+                    provider=provider,
+                    model=model,
+                    usage=usage,
+                    inputs=[call.inputs[i] for i in missing] if missing else call.inputs,
+                    cached=not missing,
+                )
+                spent = recorded.usage.total_tokens
+                if not missing:
+                    outcome.mark("cache_hit")
+                dense = [v or [] for v in vectors]
+                response = inference_pb2.EmbedResponse(
+                    embeddings=[
+                        inference_pb2.Embedding(index=i, values=v) for i, v in enumerate(dense)
+                    ],
+                    dimensions=len(dense[0]) if dense else 0,
+                    model=model,
+                    usage=_usage_proto(recorded.usage, recorded.cost_micro_usd),
+                )
+            finally:
+                await self._settle(reservation, spent)
+            return response
 
     # ------------------------------------------------------------------ moderate
 

@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from ledgerlens.runtime.errors import ResourceExhausted
+from ledgerlens.services.inference.metrics import record_refused_limit
 
 __all__ = [
     "InProcessLimitBackend",
@@ -294,6 +295,7 @@ class RateLimiter:
         for i in _TOKEN_COUNTERS:
             scope, what, _ = _COUNTERS[i]
             if limits[i] and estimated > limits[i]:
+                record_refused_limit(scope, what)
                 raise ResourceExhausted(
                     f"request needs about {estimated} tokens, more than the {scope} limit "
                     f"of {limits[i]} {what}",
@@ -309,6 +311,7 @@ class RateLimiter:
             limit = limits[refusal.counter]
             retry_after = max(0.001, refusal.retry_after)
             _log.info("inference limit hit: %s %s (limit %d)", scope, what, limit)
+            record_refused_limit(scope, what)
             raise ResourceExhausted(
                 f"{scope} limit reached: {limit} {what} (retry in {math.ceil(retry_after)} s)",
                 retry_after=retry_after,

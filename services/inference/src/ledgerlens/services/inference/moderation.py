@@ -27,6 +27,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from ledgerlens.runtime.errors import PermissionDenied, Unavailable
+from ledgerlens.services.inference.metrics import MODERATION_REFUSALS
 
 __all__ = [
     "DEFAULT_RULES_PATH",
@@ -262,6 +263,8 @@ async def screen(moderator: Moderator, texts: Sequence[str]) -> list[Verdict]:
                 moderator.name,
                 categories,
             )
+            source = "local" if isinstance(moderator, LocalRuleModerator) else "provider"
+            MODERATION_REFUSALS.labels(source).inc()
             raise PermissionDenied(
                 f"input {verdict.index} refused by moderation: {verdict.reason}",
                 reason="MODERATION_REFUSED",

@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
-from prometheus_client import Counter, Histogram
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from ledgerlens.runtime.errors import (
@@ -39,7 +38,7 @@ from ledgerlens.runtime.errors import (
     InvalidArgument,
     Unavailable,
 )
-from ledgerlens.runtime.metrics import DURATION_BUCKETS
+from ledgerlens.services.inference.metrics import FALLBACKS, PROVIDER_DURATION, PROVIDER_REQUESTS
 from ledgerlens.services.inference.model import (
     ChatParams,
     Completion,
@@ -52,6 +51,7 @@ from ledgerlens.services.inference.model import (
 from ledgerlens.services.inference.providers.base import Provider
 from ledgerlens.services.inference.providers.config import RouterConfig
 
+#: the provider metrics live in metrics.py with the gateway's others; re-exported here
 __all__ = [
     "FALLBACKS",
     "PROVIDER_DURATION",
@@ -61,23 +61,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-
-PROVIDER_REQUESTS = Counter(
-    "ledgerlens_inference_provider_requests_total",
-    "Provider calls (each retry counts) by outcome: ok, retryable_error or error.",
-    ["provider", "model", "outcome"],
-)
-PROVIDER_DURATION = Histogram(
-    "ledgerlens_inference_provider_duration_seconds",
-    "Duration of one provider call (a stream: until its last delta).",
-    ["provider", "model"],
-    buckets=(*DURATION_BUCKETS, 30.0, 60.0, 120.0),
-)
-FALLBACKS = Counter(
-    "ledgerlens_inference_fallbacks_total",
-    "Moves from a failed provider to the next target of a fallback chain.",
-    ["from_provider", "to_provider"],
-)
 
 #: remaining time below which the deadline counts as spent: an attempt could not finish,
 #: and timers may fire a hair early
