@@ -265,3 +265,42 @@ def test_outbox_table_joins_a_service_metadata_once() -> None:
     }
     assert table.c.msg_id.unique
     assert table.c.published_at.nullable
+
+
+async def test_running_relay_prunes_published_rows_past_their_keep(
+    engine: AsyncEngine, event_bus: EventBus, event_names: EventNames
+) -> None:
+    """The outbox does not grow forever: the running relay deletes what it published
+    longer ago than ``keep_published``, and keeps what it published since (a row not
+    published yet is never deleted: see the test above)."""
+    _, subject = await _stream(event_bus, event_names)
+    sessions = session_factory(engine)
+    async with sessions.begin() as session:
+        await add_to_outbox(session, subject, _event(1), "evt-old")
+    await OutboxRelay(event_bus, engine).publish_all()
+    async with engine.begin() as conn:  # published two hours ago
+        await conn.execute(
+            outbox.update().values(published_at=datetime.now(UTC) - timedelta(hours=2))
+        )
+
+    relay = OutboxRelay(
+        event_bus, engine, keep_published=3600.0, prune_interval=0.05, poll_interval=0.05
+    )
+    relay.start()
+    try:
+        async with sessions.begin() as session:
+            await add_to_outbox(session, subject, _event(2), "evt-new", relay=relay)
+
+        async def left() -> list[str]:
+            async with engine.connect() as conn:
+                return list((await conn.execute(select(outbox.c.msg_id))).scalars().all())
+
+        async def pruned() -> bool:
+            return await left() == ["evt-new"] and await _unpublished(engine) == 0
+
+        await eventually(pruned, within=10, message="the old published row pruned")
+    finally:
+        await relay.stop(grace_seconds=1)
+    assert await OutboxRelay(event_bus, engine, keep_published=3600.0).prune() == 0
+    assert await OutboxRelay(event_bus, engine, keep_published=None).prune() == 0
+    assert await left() == ["evt-new"]

@@ -16,7 +16,9 @@ publish but before the mark re-publishes the row on restart, and JetStream's dup
 window stores it once (consumers are idempotent as well, for restarts later than the
 window). On PostgreSQL several relays may run: each claims its batch with ``SELECT ...
 FOR UPDATE SKIP LOCKED`` (so order holds within a batch, not across concurrent relays).
-On SQLite run one relay per database file.
+On SQLite run one relay per database file. While running, the relay deletes rows it
+published longer ago than ``keep_published`` (7 days by default; services pass
+``LEDGERLENS_<SVC>_OUTBOX_KEEP_PUBLISHED_SECONDS``), hourly, so the table stays small.
 
 The table lives in the service's own MetaData, so its alembic migrations create it::
 
@@ -31,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import nats.errors
@@ -161,6 +163,10 @@ async def delete_published(engine: AsyncEngine, before: datetime, table: Table =
     return int(result.rowcount)
 
 
+#: how long a published outbox row is kept by default (7 days)
+DEFAULT_KEEP_PUBLISHED_SECONDS = 7 * 24 * 3600.0
+
+
 class OutboxPublishError(Exception):
     """Publishing an outbox row failed (NATS unreachable or no stream for the subject)."""
 
@@ -183,9 +189,18 @@ class OutboxRelay:
         retry_initial: float = 0.2,
         retry_max: float = 10.0,
         publish_timeout: float = 5.0,
+        keep_published: float | None = DEFAULT_KEEP_PUBLISHED_SECONDS,
+        prune_interval: float = 3600.0,
     ) -> None:
+        """``keep_published``: seconds a published row stays (for looking into what was
+        sent; JetStream holds the events themselves), deleted every ``prune_interval``
+        while running; None keeps every row."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if keep_published is not None and keep_published < 0:
+            raise ValueError("keep_published must not be negative")
+        self.keep_published = keep_published
+        self.prune_interval = prune_interval
         self._bus = bus
         self._engine = engine
         self._table = table
@@ -277,6 +292,21 @@ class OutboxRelay:
             .values(published_at=_now(), attempts=t.c.attempts + 1, last_error=None)
         )
 
+    async def prune(self) -> int:
+        """Delete the rows published over ``keep_published`` seconds ago; how many. A
+        failure is logged and left for the next round: publishing matters more."""
+        if self.keep_published is None:
+            return 0
+        before = _now() - timedelta(seconds=self.keep_published)
+        try:
+            deleted = await delete_published(self._engine, before, self._table)
+        except SQLAlchemyError as exc:
+            log.warning("outbox relay: pruning published rows failed: %r", exc)
+            return 0
+        if deleted:
+            log.info("outbox relay: pruned %d rows published before %s", deleted, before)
+        return deleted
+
     # -- running in the background -----------------------------------------------------
 
     def nudge(self) -> None:
@@ -313,7 +343,10 @@ class OutboxRelay:
             await asyncio.wait({task})
 
     async def run(self) -> None:
-        """Publish forever: poll every ``poll_interval`` or when nudged."""
+        """Publish forever: poll every ``poll_interval`` or when nudged; prune published
+        rows every ``prune_interval``."""
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time()
         while not self._stopping:
             self._wakeup.clear()
             try:
@@ -322,6 +355,9 @@ class OutboxRelay:
                 if self._stopping:
                     return
                 raise
+            if self.keep_published is not None and loop.time() >= next_prune:
+                next_prune = loop.time() + self.prune_interval
+                await self.prune()
             if published >= self.batch_size:
                 continue  # more are waiting
             with contextlib.suppress(TimeoutError):

@@ -81,6 +81,9 @@ class ServiceSettings(BaseSettings):
     #: SQLAlchemy async URL of the service's relational store.
     database_url: str = "sqlite+aiosqlite:///.data/service.db"
     redis_url: str | None = None
+    #: how long the outbox relay keeps a published row (seconds; JetStream holds the event
+    #: itself): pruned hourly, so the outbox table does not grow forever. Unset: keep all.
+    outbox_keep_published_seconds: float | None = Field(default=7 * 24 * 3600.0, ge=0)
     #: where the service keeps local files (embedded index, dev ledger, caches).
     data_dir: str = ".data"
     log_level: str = "INFO"

@@ -66,7 +66,9 @@ async def run_identity(
         )
         stack.push_async_callback(bus.close)
         await bus.ensure_stream(stream)
-        relay = OutboxRelay(bus, engine, table=OUTBOX)
+        relay = OutboxRelay(
+            bus, engine, table=OUTBOX, keep_published=settings.outbox_keep_published_seconds
+        )
         relay.start()
         stack.push_async_callback(relay.stop)
 

@@ -143,7 +143,11 @@ async def run_inference(
         if relay_engine is not engine:
             stack.push_async_callback(relay_engine.dispose)
         relay = OutboxRelay(
-            bus, relay_engine, table=OUTBOX, poll_interval=settings.outbox_poll_seconds
+            bus,
+            relay_engine,
+            table=OUTBOX,
+            poll_interval=settings.outbox_poll_seconds,
+            keep_published=settings.outbox_keep_published_seconds,
         )
         relay.start()
         stack.push_async_callback(relay.stop)

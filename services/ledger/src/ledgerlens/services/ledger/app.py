@@ -116,7 +116,9 @@ async def run_ledger(
         # declared by whoever starts first; DEADLETTER keeps what the consumers give up on
         for name in ("LEDGER", "INGESTION", "INFERENCE", "DEADLETTER"):
             await bus.ensure_stream(streams[name])
-        relay = OutboxRelay(bus, engine, table=OUTBOX)
+        relay = OutboxRelay(
+            bus, engine, table=OUTBOX, keep_published=settings.outbox_keep_published_seconds
+        )
         relay.start()
         stack.push_async_callback(relay.stop)
 
