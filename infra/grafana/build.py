@@ -35,6 +35,8 @@ AVAILABILITY_SLO = 0.999
 #: the gRPC codes that count against availability (OpenTelemetry's server-fault codes)
 SERVER_FAULT_CODES = "UNKNOWN|DEADLINE_EXCEEDED|UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS"
 
+#: the share of refused token requests LedgerlensIdentityTokenFailureSpike alerts on
+TOKEN_FAILURE_RATIO = 0.5
 RPC = "ledgerlens_rpc_server_duration_seconds"
 RATE = "$__rate_interval"
 
@@ -940,6 +942,137 @@ def inference() -> dict[str, Any]:
     )
 
 
+def identity() -> dict[str, Any]:
+    layout = Layout()
+    issued = "ledgerlens_identity_tokens_issued_total"
+    failures = "ledgerlens_identity_token_failures_total"
+    panels = [layout.row("Tokens")]
+    panels += [
+        layout.panel(
+            "Tokens issued / s by grant",
+            [(f"sum by (grant, via) (rate({issued}[{RATE}]))", "{{grant}} {{via}}")],
+            unit="ops",
+            stack=True,
+            description="Access tokens issued: IssueToken (grpc) and POST /oauth/token (http).",
+        ),
+        layout.panel(
+            "Token failures / s by reason",
+            [(f"sum by (reason) (rate({failures}[{RATE}]))", "{{reason}}")],
+            unit="reqps",
+            stack=True,
+            description="Refused token requests: invalid_client (unknown key or wrong "
+            "secret), revoked, expired, invalid_scope, invalid_audience, rate_limited, "
+            "invalid_request, unsupported_grant_type, error.",
+        ),
+        layout.panel(
+            "Token failure ratio",
+            [
+                (
+                    f"sum(rate({failures}[{RATE}]))\n/\n"
+                    f"(sum(rate({failures}[{RATE}])) + sum(rate({issued}[{RATE}])))",
+                    "failed",
+                )
+            ],
+            unit="percentunit",
+            threshold=TOKEN_FAILURE_RATIO,
+            description="Share of token requests refused; the red line is the "
+            "LedgerlensIdentityTokenFailureSpike alert's threshold.",
+        ),
+        layout.panel(
+            "Rate-limit refusals / s",
+            [
+                (
+                    f"sum by (scope) (rate(ledgerlens_identity_rate_limited_total[{RATE}]))",
+                    "{{scope}}",
+                )
+            ],
+            unit="reqps",
+            stack=True,
+            description="IssueToken refused by the per-key and per-address limits.",
+        ),
+        layout.panel(
+            "Introspections / s by result",
+            [
+                (
+                    f"sum by (result) (rate(ledgerlens_identity_introspections_total[{RATE}]))",
+                    "{{result}}",
+                )
+            ],
+            unit="reqps",
+            stack=True,
+            width=24,
+        ),
+    ]
+    panels.append(layout.row("Keys"))
+    panels += [
+        layout.panel(
+            "API keys created / revoked",
+            [
+                (
+                    f"sum by (action) (increase(ledgerlens_identity_api_keys_total[{RATE}]))",
+                    "{{action}}",
+                )
+            ],
+            description="Keys created and revoked in each interval.",
+        ),
+        layout.panel(
+            "Signing key age vs rotation period",
+            [
+                ("max(ledgerlens_identity_signing_key_age_seconds)", "active key age"),
+                (
+                    "max(ledgerlens_identity_signing_key_rotation_period_seconds)",
+                    "rotation period",
+                ),
+            ],
+            unit="s",
+            description="The active signing key's age (as the replicas last read it) "
+            "against the setting signing_key_rotation_days; past it, "
+            "LedgerlensIdentitySigningKeyOverdue fires.",
+        ),
+        layout.panel(
+            "Signing key rotations",
+            [
+                (
+                    f"sum(increase(ledgerlens_identity_signing_key_rotations_total[{RATE}]))",
+                    "rotations",
+                )
+            ],
+            width=24,
+        ),
+    ]
+    panels.append(layout.row("Certificate authority"))
+    panels += [
+        layout.panel(
+            "CA operations / s",
+            [
+                (
+                    "sum by (operation, outcome) "
+                    f"(rate(ledgerlens_identity_ca_operations_total[{RATE}]))",
+                    "{{operation}} {{outcome}}",
+                )
+            ],
+            unit="ops",
+            stack=True,
+            width=24,
+            description="Enrollments, revocations and CRLs (GetCrl, POST gencrl) over gRPC "
+            "and the Fabric CA REST subset; refused: bad CSR, wrong secret, not allowed, "
+            "not found.",
+        ),
+    ]
+    panels.append(layout.row("Events"))
+    panels += events_of(layout, "ledgerlens[.]identity[.].+", "ledgerlens[.]identity[.].+")
+    return service_dashboard(
+        "ledgerlens-identity",
+        "ledgerlens / Identity",
+        "ledgerlens.identity.v1.IdentityService",
+        "Tokens issued and refused, rate limits, introspections, API keys, signing key "
+        "age and rotations, CA operations and key revocation events.",
+        panels,
+        layout,
+        ["identity"],
+    )
+
+
 DASHBOARDS = {
     "ledgerlens-overview.json": overview,
     "ledgerlens-events.json": events,
@@ -947,6 +1080,7 @@ DASHBOARDS = {
     "ledgerlens-retrieval.json": retrieval,
     "ledgerlens-ledger.json": ledger,
     "ledgerlens-inference.json": inference,
+    "ledgerlens-identity.json": identity,
 }
 
 

@@ -42,6 +42,7 @@ def test_the_expected_dashboards_exist_with_stable_uids() -> None:
         "ledgerlens-retrieval",
         "ledgerlens-ledger",
         "ledgerlens-inference",
+        "ledgerlens-identity",
     }
     for name, board in boards.items():
         assert name == f"{board['uid']}.json"

@@ -16,11 +16,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ledgerlens.identity.v1 import identity_pb2, identity_pb2_grpc
 from ledgerlens.runtime.auth import Principal, current_principal
 from ledgerlens.runtime.errors import (
+    DomainError,
     InvalidArgument,
     PermissionDenied,
     Unauthenticated,
     timestamp_field,
 )
+from ledgerlens.services.identity import metrics
 from ledgerlens.services.identity.ca import Attribute, CertificateAuthority, Role
 from ledgerlens.services.identity.keys import ApiKeyRecord, ApiKeyState
 from ledgerlens.services.identity.service import IdentityCore
@@ -142,13 +144,18 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     async def IssueToken(
         self, request: identity_pb2.IssueTokenRequest, context: Context
     ) -> identity_pb2.IssueTokenResponse:
-        issued = await self.core.issue_token(
-            request.client_id,
-            request.client_secret,
-            list(request.scopes),
-            request.audience,
-            _client_address(context.peer()),
-        )
+        try:
+            issued = await self.core.issue_token(
+                request.client_id,
+                request.client_secret,
+                list(request.scopes),
+                request.audience,
+                _client_address(context.peer()),
+            )
+        except DomainError as exc:
+            metrics.record_token_failure(exc)
+            raise
+        metrics.record_token_issued("grpc")
         return identity_pb2.IssueTokenResponse(
             access_token=issued.access_token,
             token_type=issued.token_type,
@@ -215,20 +222,21 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     async def EnrollCertificate(
         self, request: identity_pb2.EnrollCertificateRequest, context: Context
     ) -> identity_pb2.EnrollCertificateResponse:
-        _principal()
-        try:
-            issued = await self.ca.enroll(
-                request.enrollment_id,
-                None,  # the caller is authenticated by its token (scope certs:enroll)
-                request.csr_pem,
-                profile=request.profile,
-                role=_ROLES.get(request.role),
-                affiliation=request.affiliation or None,
-                attributes=[Attribute(a.name, a.value, ecert=True) for a in request.attributes],
-            )
-        except InvalidArgument as exc:  # the CA names the CSR "csr", the contract "csr_pem"
-            violations = [("csr_pem" if f == "csr" else f, d) for f, d in exc.violations]
-            raise InvalidArgument(exc.message, violations, reason=exc.reason) from exc
+        with metrics.ca_operation("enroll"):
+            _principal()
+            try:
+                issued = await self.ca.enroll(
+                    request.enrollment_id,
+                    None,  # the caller is authenticated by its token (scope certs:enroll)
+                    request.csr_pem,
+                    profile=request.profile,
+                    role=_ROLES.get(request.role),
+                    affiliation=request.affiliation or None,
+                    attributes=[Attribute(a.name, a.value, ecert=True) for a in request.attributes],
+                )
+            except InvalidArgument as exc:  # the CA names the CSR "csr", the contract "csr_pem"
+                violations = [("csr_pem" if f == "csr" else f, d) for f, d in exc.violations]
+                raise InvalidArgument(exc.message, violations, reason=exc.reason) from exc
         return identity_pb2.EnrollCertificateResponse(
             certificate_pem=issued.certificate_pem,
             chain_pem=list(issued.chain_pem),
@@ -240,16 +248,17 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     async def RevokeCertificate(
         self, request: identity_pb2.RevokeCertificateRequest, context: Context
     ) -> identity_pb2.RevokeCertificateResponse:
-        target = request.WhichOneof("target")
-        if target is None:
-            raise InvalidArgument(
-                "name the certificate to revoke", [("target", "serial or enrollment_id")]
+        with metrics.ca_operation("revoke"):
+            target = request.WhichOneof("target")
+            if target is None:
+                raise InvalidArgument(
+                    "name the certificate to revoke", [("target", "serial or enrollment_id")]
+                )
+            result = await self.ca.revoke(
+                serial=request.serial if target == "serial" else None,
+                enrollment_id=request.enrollment_id if target == "enrollment_id" else None,
+                reason=int(request.reason),
             )
-        result = await self.ca.revoke(
-            serial=request.serial if target == "serial" else None,
-            enrollment_id=request.enrollment_id if target == "enrollment_id" else None,
-            reason=int(request.reason),
-        )
         return identity_pb2.RevokeCertificateResponse(
             revoked_serials=list(result.revoked_serials), revoked_at=_ts(result.revoked_at)
         )
@@ -257,7 +266,8 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     async def GetCrl(
         self, request: identity_pb2.GetCrlRequest, context: Context
     ) -> identity_pb2.GetCrlResponse:
-        crl = await self.ca.crl()
+        with metrics.ca_operation("gencrl"):
+            crl = await self.ca.crl()
         pem = request.format == identity_pb2.CRL_FORMAT_PEM
         return identity_pb2.GetCrlResponse(
             crl=crl.pem.encode() if pem else crl.der,

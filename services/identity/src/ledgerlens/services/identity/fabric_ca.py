@@ -52,6 +52,7 @@ from ledgerlens.runtime.errors import (
     Unauthenticated,
 )
 
+from . import metrics
 from .ca import AttributeRequest, CertificateAuthority, CertificateHolder, Role
 
 __all__ = [
@@ -313,10 +314,13 @@ def build_fabric_ca_router(
                 attr_reqs=_attr_reqs(data),
             )
         except _RequestError as exc:
+            metrics.record_ca_operation("enroll", ok=False)
             return exc.response
         except DomainError as exc:
+            metrics.record_ca_operation("enroll", ok=False)
             _log.info("fabric-ca enroll refused: %s (%s)", exc.reason, exc.message)
             return _error_response(exc)
+        metrics.record_ca_operation("enroll", ok=True)
         _log.info("fabric-ca enrolled %s serial %s", issued.enrollment_id, issued.serial)
         return _ok({"Cert": _b64(issued.certificate_pem.encode()), "ServerInfo": server_info()})
 
@@ -368,10 +372,13 @@ def build_fabric_ca_router(
             if data.get("gencrl") is True:
                 crl_b64 = _b64((await ca.crl()).pem.encode())
         except _RequestError as exc:
+            metrics.record_ca_operation("revoke", ok=False)
             return exc.response
         except DomainError as exc:
+            metrics.record_ca_operation("revoke", ok=False)
             _log.info("fabric-ca revoke refused: %s (%s)", exc.reason, exc.message)
             return _error_response(exc, not_found_code=not_found)
+        metrics.record_ca_operation("revoke", ok=True)
         _log.info(
             "fabric-ca revoke by %s: %s", caller.enrollment_id, ",".join(result.revoked_serials)
         )
@@ -393,10 +400,13 @@ def build_fabric_ca_router(
                 )
             crl = await ca.crl()
         except _RequestError as exc:
+            metrics.record_ca_operation("gencrl", ok=False)
             return exc.response
         except DomainError as exc:
+            metrics.record_ca_operation("gencrl", ok=False)
             _log.info("fabric-ca gencrl refused: %s (%s)", exc.reason, exc.message)
             return _error_response(exc)
+        metrics.record_ca_operation("gencrl", ok=True)
         return _ok({"CRL": _b64(crl.pem.encode())})
 
     async def cainfo(request: Request) -> JSONResponse:

@@ -31,6 +31,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ledgerlens.events.v1 import events_pb2
 from ledgerlens.runtime.errors import InvalidArgument, NotFound, Unauthenticated
 from ledgerlens.runtime.events import Subjects
+from ledgerlens.services.identity import metrics
 from ledgerlens.services.identity.store import ApiKeyRecord, IdentityStore
 
 __all__ = [
@@ -174,6 +175,7 @@ class ApiKeys:
             expires_at=expires_at.astimezone(UTC) if expires_at is not None else None,
         )
         await self._store.insert_api_key(record, self._hash(secret))
+        metrics.API_KEYS.labels("created").inc()
         log.info("created API key %s for tenant %s", record.key_id, tenant_id)
         return record, secret
 
@@ -265,6 +267,7 @@ class ApiKeys:
             )
         record, changed = result
         if changed:
+            metrics.API_KEYS.labels("revoked").inc()
             log.info("revoked API key %s of tenant %s", key_id, record.tenant_id)
         return record
 

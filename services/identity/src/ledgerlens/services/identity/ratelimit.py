@@ -21,6 +21,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 
 from ledgerlens.runtime.errors import ResourceExhausted
+from ledgerlens.services.identity import metrics
 
 __all__ = [
     "WINDOW_SECONDS",
@@ -44,6 +45,7 @@ async def enforce(limiter: RateLimiter, bucket_key: str, limit_per_minute: int, 
     """Hit ``bucket_key``; :class:`ResourceExhausted` (with ``retry_after``) when over."""
     allowed, retry_after = await limiter.hit(bucket_key, limit_per_minute)
     if not allowed:
+        metrics.record_rate_limited(what)
         raise ResourceExhausted(
             f"too many token requests for this {what}: limit {limit_per_minute} per minute",
             retry_after=max(retry_after, 0.001),

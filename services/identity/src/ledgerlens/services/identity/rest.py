@@ -27,6 +27,7 @@ from ledgerlens.runtime.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from ledgerlens.services.identity import metrics
 from ledgerlens.services.identity.service import IdentityCore
 
 __all__ = ["build_rest_router"]
@@ -84,12 +85,16 @@ def build_rest_router(core: IdentityCore) -> APIRouter:
                 client_id, client_secret = basic
                 basic_used = True
             if grant_type != "client_credentials":
+                metrics.record_token_failure(
+                    "unsupported_grant_type" if grant_type else "invalid_request"
+                )
                 return _oauth_error(
                     400,
                     "unsupported_grant_type" if grant_type else "invalid_request",
                     "grant_type must be client_credentials",
                 )
             if not client_id or not client_secret:
+                metrics.record_token_failure("invalid_request")
                 return _oauth_error(
                     400, "invalid_request", "client_id and client_secret are required"
                 )
@@ -98,19 +103,24 @@ def build_rest_router(core: IdentityCore) -> APIRouter:
                 client_id, client_secret, scope.split(), audience, address
             )
         except Unauthenticated as exc:
+            metrics.record_token_failure(exc)
             headers = {"WWW-Authenticate": 'Basic realm="ledgerlens"'} if basic_used else None
             return _oauth_error(401, "invalid_client", exc.message, headers)
         except ResourceExhausted as exc:
+            metrics.record_token_failure(exc)
             retry = str(max(1, math.ceil(exc.retry_after or 1)))
             return _oauth_error(429, "slow_down", exc.message, {"Retry-After": retry})
         except InvalidArgument as exc:
+            metrics.record_token_failure(exc)
             fields = {field for field, _ in exc.violations}
             error = (
                 "invalid_scope" if "scopes" in fields or "scope" in fields else "invalid_request"
             )
             return _oauth_error(400, error, exc.message)
         except DomainError as exc:
+            metrics.record_token_failure("invalid_request")
             return _oauth_error(400, "invalid_request", exc.message)
+        metrics.record_token_issued("http")
         body: dict[str, Any] = {
             "access_token": issued.access_token,
             "token_type": "Bearer",

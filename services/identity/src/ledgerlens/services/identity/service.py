@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledgerlens.runtime.errors import InvalidArgument, NotFound, Unauthenticated
+from ledgerlens.services.identity import metrics
 from ledgerlens.services.identity.keys import (
     BAD_CREDENTIALS,
     KEY_ID_PATTERN,
@@ -125,12 +126,14 @@ class IdentityCore:
             default_algorithm=settings.signing_algorithm,
             clock=clock,
         )
+        metrics.watch_signing_key(self.signing, settings.signing_key_rotation_days * 86_400)
 
     async def start(self) -> None:
         """Ensure an active signing key (tables come from the migrations)."""
         await self.signing.ensure_active_key()
 
     async def close(self) -> None:
+        metrics.unwatch_signing_key(self.signing)
         if self._owned_redis is not None:
             await self._owned_redis.aclose()
 
@@ -270,6 +273,7 @@ class IdentityCore:
     async def introspect(self, token: str) -> TokenIntrospection:
         """Never raises for a bad token: the state says why it is not active."""
         if not token or len(token.encode("utf-8", "ignore")) > MAX_TOKEN_BYTES:
+            metrics.INTROSPECTIONS.labels(TokenState.INVALID.value).inc()
             return TokenIntrospection(state=TokenState.INVALID)
         state, claims, kid = await self.signing.read_token(token, [self.settings.audience])
         if state is TokenState.ACTIVE:
@@ -278,4 +282,5 @@ class IdentityCore:
                 state = TokenState.INVALID
             elif found[0].revoked_at is not None:
                 state = TokenState.REVOKED
+        metrics.INTROSPECTIONS.labels(state.value).inc()
         return introspection(state, claims, kid)

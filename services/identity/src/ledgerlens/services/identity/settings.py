@@ -27,6 +27,9 @@ class Settings(ServiceSettings):
     token_ttl_seconds: int = Field(default=900, ge=60, le=86_400)
     #: signature algorithm of new signing keys.
     signing_algorithm: Literal["ES256", "EdDSA"] = "ES256"
+    #: the rotation policy (days): exposed as a metric for the dashboard and the
+    #: LedgerlensIdentitySigningKeyOverdue alert; nothing rotates automatically.
+    signing_key_rotation_days: int = Field(default=90, ge=1, le=3650)
     #: a file holding the key that encrypts signing keys at rest (32 random bytes,
     #: base64url, as a Kubernetes Secret mounts it); created under ``data_dir`` when unset.
     key_encryption_key_file: str | None = None

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 
 from ledgerlens.runtime.errors import Unavailable
+from ledgerlens.services.identity import metrics
 from ledgerlens.services.identity.secrets_box import SecretsBox
 from ledgerlens.services.identity.store import (
     IdentityStore,
@@ -261,6 +262,7 @@ class SigningKeys:
                 "another signing key rotation is in progress; retry", retry_after=1.0
             ) from exc
         self._active = _ActiveKey(new, self._load_private(new), now)
+        metrics.SIGNING_KEY_ROTATIONS.inc()
         log.info(
             "rotated signing key: %s active, %s retired",
             new.kid,
@@ -271,6 +273,14 @@ class SigningKeys:
             previous_kid=previous.kid if previous else None,
             previous_retire_after=previous.not_after if previous else None,
         )
+
+    def active_key_activated_at(self) -> datetime | None:
+        """When the active key (as this replica last read it) became active (metrics)."""
+        active = self._active
+        return active.record.activated_at if active is not None else None
+
+    def now(self) -> datetime:
+        return self._clock()
 
     async def _signing_key(self) -> _ActiveKey:
         now = self._clock()
