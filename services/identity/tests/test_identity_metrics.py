@@ -23,6 +23,7 @@ import grpc
 import grpc.aio
 import httpx
 import pytest
+from _grpc_support import bearer, rpc_code
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -120,16 +121,6 @@ async def _token(stub: Stub, key_id: str, secret: str, scopes: list[str] | None 
     return str(issued.access_token)
 
 
-def _bearer(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
-
-
-async def _code(call: Any) -> grpc.StatusCode:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call
-    return err.value.code()
-
-
 async def test_tokens_issued_and_refused_are_counted_by_transport_and_reason(
     identity: RunningIdentity, stub: Stub, http: httpx.AsyncClient
 ) -> None:
@@ -166,22 +157,22 @@ async def test_tokens_issued_and_refused_are_counted_by_transport_and_reason(
     await _token(stub, reader.key_id, reader_secret)
     await _token(stub, reader.key_id, reader_secret, ["search:read"])
     bad = identity_pb2.IssueTokenRequest(client_id=reader.key_id, client_secret="llks_wrong")
-    assert await _code(stub.IssueToken(bad)) == grpc.StatusCode.UNAUTHENTICATED
+    assert await rpc_code(stub.IssueToken(bad)) == grpc.StatusCode.UNAUTHENTICATED
     revoked = identity_pb2.IssueTokenRequest(client_id=gone.key_id, client_secret=gone_secret)
-    assert await _code(stub.IssueToken(revoked)) == grpc.StatusCode.UNAUTHENTICATED
+    assert await rpc_code(stub.IssueToken(revoked)) == grpc.StatusCode.UNAUTHENTICATED
     wide = identity_pb2.IssueTokenRequest(
         client_id=limited.key_id, client_secret=limited_secret, scopes=["admin"]
     )
-    assert await _code(stub.IssueToken(wide)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert await rpc_code(stub.IssueToken(wide)) == grpc.StatusCode.INVALID_ARGUMENT
     elsewhere = identity_pb2.IssueTokenRequest(
         client_id=limited.key_id, client_secret=limited_secret, audience="someone-else"
     )
-    assert await _code(stub.IssueToken(elsewhere)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert await rpc_code(stub.IssueToken(elsewhere)) == grpc.StatusCode.INVALID_ARGUMENT
     # the limit is 3 a minute per key: the two refusals above were hits, so one more
     # token is let through and the next request is refused
     await _token(stub, limited.key_id, limited_secret)
     again = identity_pb2.IssueTokenRequest(client_id=limited.key_id, client_secret=limited_secret)
-    assert await _code(stub.IssueToken(again)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await rpc_code(stub.IssueToken(again)) == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     # HTTP: one token, a wrong secret, a scope it lacks, a wrong grant, a missing secret
     form = {"grant_type": "client_credentials", "client_id": web.key_id}
@@ -248,7 +239,7 @@ async def test_keys_rotation_and_introspection_are_counted(
             },
         }
     )
-    meta = _bearer(admin_token)
+    meta = bearer(admin_token)
     created = []
     for name in ("a", "b"):
         response = await stub.CreateApiKey(
@@ -265,7 +256,7 @@ async def test_keys_rotation_and_introspection_are_counted(
     refused = identity_pb2.CreateApiKeyRequest(
         name="c", scopes=["search:read"], expires_at=too_late
     )
-    assert await _code(stub.CreateApiKey(refused, metadata=meta)) == (
+    assert await rpc_code(stub.CreateApiKey(refused, metadata=meta)) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
 
@@ -338,7 +329,7 @@ async def test_ca_operations_over_grpc_and_fabric_rest_are_counted(
             for outcome in ("ok", "refused")
         }
     )
-    meta = _bearer(admin_token)
+    meta = bearer(admin_token)
 
     # gRPC: an enrollment, a CSR with the wrong curve, a revocation, an unknown serial, a CRL
     enrolled = await stub.EnrollCertificate(
@@ -350,14 +341,14 @@ async def test_ca_operations_over_grpc_and_fabric_rest_are_counted(
     wrong_curve = identity_pb2.EnrollCertificateRequest(
         enrollment_id="user2", csr_pem=_csr(ec.generate_private_key(ec.SECP384R1()), "user2")
     )
-    assert await _code(stub.EnrollCertificate(wrong_curve, metadata=meta)) == (
+    assert await rpc_code(stub.EnrollCertificate(wrong_curve, metadata=meta)) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
     await stub.RevokeCertificate(
         identity_pb2.RevokeCertificateRequest(serial=enrolled.serial), metadata=meta
     )
     unknown = identity_pb2.RevokeCertificateRequest(serial="7e57")
-    assert await _code(stub.RevokeCertificate(unknown, metadata=meta)) == (
+    assert await rpc_code(stub.RevokeCertificate(unknown, metadata=meta)) == (
         grpc.StatusCode.NOT_FOUND
     )
     await stub.GetCrl(identity_pb2.GetCrlRequest())

@@ -18,6 +18,7 @@ import grpc.aio
 import httpx
 import jwt
 import pytest
+from _grpc_support import bearer, rpc_code
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -78,28 +79,18 @@ async def _token(stub: Stub, key: tuple[str, str], scopes: list[str] | None = No
     return issued.access_token
 
 
-def _bearer(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
-
-
-async def _code(call: Any) -> grpc.StatusCode:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call
-    return err.value.code()
-
-
 async def test_a_token_from_identity_is_accepted_by_its_own_interceptor(
     stub: Stub, admin: tuple[str, str]
 ) -> None:
     token = await _token(stub, admin)
     created = await stub.CreateApiKey(
         identity_pb2.CreateApiKeyRequest(name="reader", scopes=["search:read"]),
-        metadata=_bearer(token),
+        metadata=bearer(token),
     )
     assert created.key.tenant_id == "acme"
     assert created.key.state == identity_pb2.API_KEY_STATE_ACTIVE
     assert created.secret
-    listed = await stub.ListApiKeys(identity_pb2.ListApiKeysRequest(), metadata=_bearer(token))
+    listed = await stub.ListApiKeys(identity_pb2.ListApiKeysRequest(), metadata=bearer(token))
     assert {k.key_id for k in listed.keys} >= {admin[0], created.key.key_id}
     assert all(not hasattr(k, "secret") for k in listed.keys)
 
@@ -128,14 +119,14 @@ async def test_bad_tokens_are_unauthenticated(
     unknown_kid = stranger.issue("llk_x", ["keys:admin"], tenant="acme")
 
     request = identity_pb2.ListApiKeysRequest()
-    assert await _code(stub.ListApiKeys(request)) == grpc.StatusCode.UNAUTHENTICATED
+    assert await rpc_code(stub.ListApiKeys(request)) == grpc.StatusCode.UNAUTHENTICATED
     for bad in (tampered, alg_none, wrong_aud, unknown_kid):
-        code = await _code(stub.ListApiKeys(request, metadata=_bearer(bad)))
+        code = await rpc_code(stub.ListApiKeys(request, metadata=bearer(bad)))
         assert code == grpc.StatusCode.UNAUTHENTICATED, bad
     # and a good token lacking the scope is refused with PERMISSION_DENIED
     reader, reader_secret = await identity.core.create_key("acme", "r", ["search:read"])
     weak = await _token(stub, (reader.key_id, reader_secret))
-    assert await _code(stub.ListApiKeys(request, metadata=_bearer(weak))) == (
+    assert await rpc_code(stub.ListApiKeys(request, metadata=bearer(weak))) == (
         grpc.StatusCode.PERMISSION_DENIED
     )
 
@@ -144,7 +135,7 @@ async def test_another_tenant_needs_admin(identity: RunningIdentity, stub: Stub)
     key, secret = await identity.core.create_key("acme", "keys only", ["keys:admin"])
     token = await _token(stub, (key.key_id, secret))
     other = identity_pb2.CreateApiKeyRequest(tenant_id="globex", name="x", scopes=["search:read"])
-    assert await _code(stub.CreateApiKey(other, metadata=_bearer(token))) == (
+    assert await rpc_code(stub.CreateApiKey(other, metadata=bearer(token))) == (
         grpc.StatusCode.PERMISSION_DENIED
     )
 
@@ -163,11 +154,11 @@ async def test_revoked_key_gets_no_token_and_the_revocation_is_published(
         await _token(stub, (victim.key_id, secret))  # works before
         revoked = await stub.RevokeApiKey(
             identity_pb2.RevokeApiKeyRequest(key_id=victim.key_id, reason="leaked"),
-            metadata=_bearer(token),
+            metadata=bearer(token),
         )
         assert revoked.key.state == identity_pb2.API_KEY_STATE_REVOKED
         assert (
-            await _code(
+            await rpc_code(
                 stub.IssueToken(
                     identity_pb2.IssueTokenRequest(client_id=victim.key_id, client_secret=secret)
                 )
@@ -195,7 +186,7 @@ async def test_rotation_keeps_old_tokens_valid(stub: Stub, admin: tuple[str, str
     old = await _token(stub, admin)
     rotated = await stub.RotateSigningKey(
         identity_pb2.RotateSigningKeyRequest(algorithm=identity_pb2.SIGNING_ALGORITHM_EDDSA),
-        metadata=_bearer(old),
+        metadata=bearer(old),
     )
     assert rotated.previous_kid == jwt.get_unverified_header(old)["kid"]
     new = await _token(stub, admin)
@@ -203,7 +194,7 @@ async def test_rotation_keeps_old_tokens_valid(stub: Stub, admin: tuple[str, str
     assert jwt.get_unverified_header(new)["alg"] == "EdDSA"
     # the interceptor learns the new kid from the JWKS, and still knows the old one
     for token in (old, new):
-        await stub.ListApiKeys(identity_pb2.ListApiKeysRequest(), metadata=_bearer(token))
+        await stub.ListApiKeys(identity_pb2.ListApiKeysRequest(), metadata=bearer(token))
     jwks = await stub.GetJwks(identity_pb2.GetJwksRequest())
     assert {k.kid for k in jwks.keys} == {rotated.kid, rotated.previous_kid}
 
@@ -280,7 +271,7 @@ async def test_enroll_revoke_and_crl_over_grpc(stub: Stub, admin: tuple[str, str
         identity_pb2.EnrollCertificateRequest(
             enrollment_id="user1", csr_pem=_csr(key), role=identity_pb2.CERTIFICATE_ROLE_CLIENT
         ),
-        metadata=_bearer(token),
+        metadata=bearer(token),
     )
     cert = x509.load_pem_x509_certificate(enrolled.certificate_pem.encode())
     info = await stub.GetCaInfo(identity_pb2.GetCaInfoRequest())
@@ -291,7 +282,7 @@ async def test_enroll_revoke_and_crl_over_grpc(stub: Stub, admin: tuple[str, str
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.EnrollCertificate(
             identity_pb2.EnrollCertificateRequest(enrollment_id="user2", csr_pem=_csr(wrong_type)),
-            metadata=_bearer(token),
+            metadata=bearer(token),
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     status = rpc_status.from_call(err.value)
@@ -305,7 +296,7 @@ async def test_enroll_revoke_and_crl_over_grpc(stub: Stub, admin: tuple[str, str
     assert "csr_pem" in fields
 
     missing_id = identity_pb2.EnrollCertificateRequest(csr_pem=_csr(key))
-    assert await _code(stub.EnrollCertificate(missing_id, metadata=_bearer(token))) == (
+    assert await rpc_code(stub.EnrollCertificate(missing_id, metadata=bearer(token))) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
 
@@ -313,7 +304,7 @@ async def test_enroll_revoke_and_crl_over_grpc(stub: Stub, admin: tuple[str, str
         identity_pb2.RevokeCertificateRequest(
             serial=enrolled.serial, reason=identity_pb2.REVOCATION_REASON_KEY_COMPROMISE
         ),
-        metadata=_bearer(token),
+        metadata=bearer(token),
     )
     assert list(revoked.revoked_serials) == [enrolled.serial]
     crl_response = await stub.GetCrl(identity_pb2.GetCrlRequest())

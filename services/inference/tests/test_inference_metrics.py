@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 
 from ledgerlens.inference.v1 import inference_pb2
 from ledgerlens.runtime.testing import eventually
+from ledgerlens.services.inference import metrics
 
 pytestmark = pytest.mark.integration
 
@@ -70,19 +71,7 @@ class Deltas:
 
 
 # every outcome of every RPC, and the other counters the calls may touch
-ALL_OUTCOMES = [
-    requests(rpc, outcome)
-    for rpc in ("Chat", "ChatStream", "Embed", "Answer", "AnswerStream")
-    for outcome in (
-        "ok",
-        "cache_hit",
-        "idempotent_replay",
-        "refused_moderation",
-        "limited",
-        "cancelled",
-        "error",
-    )
-]
+ALL_OUTCOMES = [requests(rpc, outcome) for rpc in metrics.RPCS for outcome in metrics.OUTCOMES]
 OTHERS = [
     tokens("prompt"),
     tokens("completion"),
