@@ -6,9 +6,12 @@ or as its own server subprocess), so they import this as ``_common``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import statistics
+import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -73,3 +76,29 @@ def machine(**extra: Any) -> dict[str, Any]:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+async def start_service(
+    module: str, env: Mapping[str, str], log_path: Path, *, within: float
+) -> tuple[asyncio.subprocess.Process, str]:
+    """``python -m <module>`` with ``env`` (its stderr in ``log_path``), once it has printed
+    its start-up line (``... gRPC host:port, HTTP url``) within ``within`` seconds: the
+    process and that line.
+    RuntimeError with the log's tail when it prints something else."""
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", module, env=dict(env), stdout=asyncio.subprocess.PIPE, stderr=log
+        )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), within)).decode()
+    if "gRPC " not in line:
+        proc.terminate()
+        await proc.wait()
+        tail = (await asyncio.to_thread(log_path.read_text, errors="replace"))[-3000:]
+        raise RuntimeError(f"{module} did not start: {line!r}\n{tail}")
+    return proc, line
+
+
+def grpc_address(start_line: str) -> str:
+    """The gRPC address in a service's start-up line."""
+    return start_line.split("gRPC ", 1)[1].split(",", 1)[0].strip()

@@ -65,7 +65,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from _common import machine, quantile, rpc_summary
+from _common import grpc_address, machine, quantile, rpc_summary, start_service
 from _cpu import CpuMeter
 
 from ledgerlens.services.inference.model import ProviderError
@@ -241,23 +241,10 @@ async def _start_gateway(
     for name in list(env):  # a Redis URL from the caller's shell would change the backends
         if name.startswith("LEDGERLENS_INFERENCE_") and "REDIS_URL" in name:
             del env[name]
-    log = (workdir / "inference.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ledgerlens.services.inference",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=log,
+    proc, line = await start_service(
+        "ledgerlens.services.inference", env, workdir / "inference.log", within=120
     )
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
-    if "gRPC " not in line:
-        proc.terminate()
-        await proc.wait()
-        tail = (workdir / "inference.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"inference did not start: {line!r}\n{tail}")
-    return proc, line.split("gRPC ", 1)[1].split(",", 1)[0].strip()
+    return proc, grpc_address(line)
 
 
 # -- load generation ---------------------------------------------------------------------

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc.aio
+from _common import grpc_address, start_service
 
 from ledgerlens.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 
@@ -95,20 +95,11 @@ async def _pipeline(files: list[Path], nats_url: str, workdir: Path) -> dict[str
         "LEDGERLENS_INGESTION_HTTP_PORT": "0",
         "LEDGERLENS_INGESTION_AUTH__ENABLED": "false",
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ledgerlens.services.ingestion",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+    proc, line = await start_service(
+        "ledgerlens.services.ingestion", env, workdir / "ingestion.log", within=300
     )
     try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 300)).decode()
-        if "gRPC " not in line:
-            raise RuntimeError(f"ingestion did not start: {line!r}")
-        address = line.split("gRPC ", 1)[1].split(",", 1)[0].strip()
+        address = grpc_address(line)
 
         async def feed() -> AsyncIterator[ingestion_pb2.IngestStreamRequest]:
             for path in files:

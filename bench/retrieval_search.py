@@ -88,7 +88,7 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
-from _common import quantile, rpc_summary
+from _common import grpc_address, quantile, rpc_summary, start_service
 from _cpu import closed_loop_floor, own_cpu_seconds, process_cpu_seconds
 
 from ledgerlens.common.v1 import common_pb2
@@ -504,23 +504,10 @@ async def _start_service(workdir: Path, index_dir: Path, nats_url: str) -> tuple
         "LEDGERLENS_RETRIEVAL_HTTP_PORT": "0",
         "LEDGERLENS_RETRIEVAL_AUTH__ENABLED": "false",
     }
-    log = (workdir / "retrieval.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ledgerlens.services.retrieval",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=log,
+    proc, line = await start_service(
+        "ledgerlens.services.retrieval", env, workdir / "retrieval.log", within=600
     )
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 600)).decode()
-    if "gRPC " not in line:
-        proc.terminate()
-        await proc.wait()
-        tail = (workdir / "retrieval.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"retrieval did not start: {line!r}\n{tail}")
-    address = line.split("gRPC ", 1)[1].split(",", 1)[0].strip()
+    address = grpc_address(line)
     http = line.split("HTTP ", 1)[1].strip()
     return proc, address, http
 
